@@ -1,0 +1,73 @@
+"""The benchmark's level shapes, its reference-skip logic, and one tiny end-to-end run."""
+import json
+
+import pytest
+
+from acamkd.bench.acam import reference_bytes_estimate, run_worker
+from acamkd.bench.levels import fpn_level_shapes, parse_image_size
+from acamkd.cli import main
+
+
+def test_retinanet_levels_at_coco_resolution():
+    shapes = fpn_level_shapes("retinanet", 800, 1333)
+    assert shapes == {"p3": (100, 168), "p4": (50, 84), "p5": (25, 42), "p6": (13, 21), "p7": (7, 11)}
+
+
+def test_fasterrcnn_p2_has_67200_positions():
+    shapes = fpn_level_shapes("fasterrcnn", 800, 1333)
+    assert list(shapes) == ["p2", "p3", "p4", "p5", "p6"]
+    assert shapes["p2"] == (200, 336) and 200 * 336 == 67_200
+    assert shapes["p6"] == (13, 21)
+
+
+def test_bad_image_and_detector_are_named():
+    with pytest.raises(ValueError, match="--image"):
+        parse_image_size("800by1333")
+    with pytest.raises(ValueError, match="--image"):
+        parse_image_size("0x10")
+    with pytest.raises(ValueError, match="--detector"):
+        fpn_level_shapes("yolo", 800, 1333)
+
+
+def _cfg(**overrides):
+    cfg = {"device": "cpu", "batch": 1, "image": [64, 64], "detector": "retinanet", "dtype": "fp32",
+           "channels": 16, "num_masks": 3, "repeats": 1, "warmup": 0, "compile": "none",
+           "variants": ["floor", "fast", "reference"]}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_reference_that_cannot_fit_is_reported_not_run():
+    # Faster R-CNN P2 at 4000x4000 is 1e6 positions: a 1e12-entry attention matrix.
+    result = run_worker("reference", _cfg(detector="fasterrcnn", image=[4000, 4000], channels=2))
+    assert "would not fit" in result["skipped"]
+    assert result["estimated_peak_gib"] > 1000
+    assert "median_ms" not in result
+
+
+def test_estimate_grows_with_the_square_of_positions():
+    small = reference_bytes_estimate(2, [100], 4)
+    assert reference_bytes_estimate(2, [200], 4) == 4 * small
+
+
+def test_workers_measure_and_agree():
+    fast = run_worker("fast", _cfg())
+    assert fast["median_ms"] > 0 and fast["peak_mib"] >= 0
+    assert any("scaled_dot_product" in op for op in fast["attention_ops"])
+    ref = run_worker("reference", _cfg())
+    assert ref["max_loss_rel_diff"] < 1e-5
+    assert ref["max_grad_rel_diff"] < 1e-4
+
+
+def test_cli_json_report(capsys):
+    assert main(["bench", "acam", "--device", "cpu", "--image", "64x64", "--batch", "1", "--channels", "8",
+                 "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == {"floor", "fast", "reference"}
+    assert all("median_ms" in r for r in report["results"].values()), report["results"]
+    assert {"fast_over_floor_time", "reference_over_fast_time", "reference_over_fast_peak_memory"} <= set(report["ratios"])
+
+
+def test_cli_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip()
