@@ -49,6 +49,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     parser.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"),
                         default="none", help="torch.compile mode for the fast path")
+    parser.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                        help="skip ACAM's NaN/inf input check (saves one host sync per step)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
@@ -103,7 +105,8 @@ def _make_inputs(cfg: dict[str, Any]):
     device, dtype = cfg["device"], (torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32)
     shapes = fpn_level_shapes(cfg["detector"], *cfg["image"])
     C, B = cfg["channels"], cfg["batch"]
-    method = ACAM({name: C for name in shapes}, num_masks=cfg["num_masks"], init_std=0.5).to(device)
+    method = ACAM({name: C for name in shapes}, num_masks=cfg["num_masks"], init_std=0.5,
+                  check_finite=cfg.get("check_finite", True)).to(device)
     teacher = {n: torch.randn(B, C, h, w, device=device, dtype=dtype) for n, (h, w) in shapes.items()}
     student = {n: torch.randn(B, C, h, w, device=device, dtype=dtype).requires_grad_(True)
                for n, (h, w) in shapes.items()}
@@ -287,6 +290,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats if args.repeats is not None else (20 if device == "cuda" else 5),
         "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1),
         "compile": args.compile,
+        "check_finite": args.check_finite,
         "variants": variants,
     }
 
@@ -337,7 +341,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"acamkd bench acam: {cfg['detector']} {cfg['image'][0]}x{cfg['image'][1]} batch {cfg['batch']} "
         f"{cfg['dtype']} on {cfg['device']} ({report['machine'].get('gpu', report['machine']['platform'])}, "
-        f"torch {report['machine']['torch']}), C={cfg['channels']}, M={cfg['num_masks']}, compile={cfg['compile']}",
+        f"torch {report['machine']['torch']}), C={cfg['channels']}, M={cfg['num_masks']}, compile={cfg['compile']}, "
+        f"check_finite={cfg.get('check_finite', True)}",
         "levels: " + ", ".join(f"{n} {v['h']}x{v['w']}" for n, v in report["levels"].items()),
         f"{'variant':<10} {'median ms':>10} {'min ms':>9} {'peak MiB':>10}  attention kernel",
     ]
