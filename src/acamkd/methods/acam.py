@@ -164,7 +164,9 @@ class ACAMLevel(nn.Module):
         channels, qk_channels = self.teacher_channels, self.teacher_channels // 2
         self.align = nn.Conv2d(self.student_channels, channels, 1)  # f_align: C_s -> C_t
         self.query_proj = nn.Conv2d(channels, qk_channels, 1)  # W_q: C -> C/2
-        self.key_proj = nn.Conv2d(channels, qk_channels, 1)  # W_k: C -> C/2
+        # W_k: C -> C/2 without bias: a key bias adds q_i . b_k to every logit of row i, which
+        # the softmax over j removes, so it would be a parameter with an identically zero grad.
+        self.key_proj = nn.Conv2d(channels, qk_channels, 1, bias=False)
         self.value_proj = nn.Conv2d(channels, channels, 1)  # W_v: C -> C
         # Mask units start small (N(0, init_std), as MasKD's mask tokens): masks start near 0.5.
         if self.masks in ("both", "channel"):
@@ -274,7 +276,11 @@ class ACAM(DistillMethod):
         if sorted(student_channels) != sorted(teacher_channels):
             raise ValueError(f"student_channels levels {sorted(student_channels)} differ from "
                              f"teacher_channels levels {sorted(teacher_channels)}")
-        self.level_names = [str(name) for name in teacher_channels]
+        non_strings = [name for name in teacher_channels if not isinstance(name, str)]
+        if non_strings:
+            raise TypeError(f"teacher_channels: level names must be strings (the loss keys are "
+                            f"'<level>.<kind>'), got {non_strings!r}")
+        self.level_names = list(teacher_channels)
         keys = [_module_key(n) for n in self.level_names]
         if len(set(keys)) != len(keys):
             raise ValueError(f"level names {self.level_names} collide once '.' is replaced by '__'")

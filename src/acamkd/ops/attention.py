@@ -102,7 +102,12 @@ def project_padded_qkv(
     wk, bk = _pad_rows(w_k, b_k, D)
     wv, bv = _value_rows_per_head(w_v, b_v, layout)
     w_kv = torch.cat([wk, wv], dim=0)  # (D + H*D, C)
-    b_kv = None if bk is None or bv is None else torch.cat([bk, bv], dim=0)
+    if bk is None and bv is None:
+        b_kv = None
+    else:  # one matmul for k and v: a missing bias on either side is a zero bias
+        bk = wk.new_zeros(wk.shape[0]) if bk is None else bk
+        bv = wv.new_zeros(wv.shape[0]) if bv is None else bv
+        b_kv = torch.cat([bk, bv], dim=0)
     q = F.linear(query_tokens, wq, bq)  # (B, N, D)
     kv = F.linear(context_tokens, w_kv, b_kv)  # (B, N, D + H*D)
     k = kv[..., :D]  # (B, N, D)

@@ -1,0 +1,31 @@
+"""pytest configuration: deterministic hypothesis profile, fixed torch threads."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_acam_helpers.py
+
+# The tests use tiny tensors: one intra-op thread avoids thread wake-up overhead (which
+# dominates, and is erratic, on a 2-core machine with other work running).
+torch.set_num_threads(int(os.environ.get("ACAMKD_TEST_THREADS", "1")))
+
+settings.register_profile(
+    "acamkd",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,  # same examples on every run: the suite is deterministic
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "acamkd"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state (module inits draw from it)."""
+    torch.manual_seed(0)
+    yield
