@@ -116,3 +116,15 @@ def test_level_stats_and_output_shapes(switches):
     # The stats agree with the op as well (same masks, same Dice).
     if out.spatial_masks is not None:
         torch.testing.assert_close(out.stats["spatial_dice"], mean_pairwise_dice(out.spatial_masks.flatten(2)).detach())
+
+
+@pytest.mark.parametrize("layout", ["split", "single"])
+@pytest.mark.parametrize("channels", [256, 19, 12])
+def test_every_attention_layout_matches_plain_reference(channels, layout):
+    # attention_layout is a speed knob: both layouts must give the spec's values.
+    level = make_level(channels, 5, 3, SWITCH_SETS[0], attention_layout=layout)
+    teacher, student = make_feats(2, channels, 5, (3, 4), (3, 4))
+    fast, fast_grads = outputs_and_grads(level, teacher, student)
+    ref, ref_grads = outputs_and_grads(level, teacher, student, acam_level_plain)
+    assert_outputs_match(fast, ref, torch.float32)
+    assert_grads_match(fast_grads, ref_grads, torch.float32)

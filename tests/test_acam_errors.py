@@ -38,7 +38,7 @@ def test_channel_counts_must_be_ints(name, value):
 
 @pytest.mark.parametrize("option,value", [("query", "both"), ("query", "Teacher"), ("channel_mask", "global"),
                                           ("channel_mask", None), ("mask_norm", "l2"), ("masks", "none"),
-                                          ("masks", "spatial+channel")])
+                                          ("masks", "spatial+channel"), ("attention_layout", "flash")])
 def test_unknown_option_values(option, value):
     with pytest.raises(ValueError, match=rf"{option} must be one of .*got {re.escape(repr(value))}"):
         ACAMLevel(8, 8, **{option: value})

@@ -54,11 +54,12 @@ def _materialised(xq, xc, w_q, b_q, w_k, b_k, w_v, b_v):
     return attention @ v
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split-heads", "single-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("channels,tokens", [(2, 5), (3, 7), (8, 35), (19, 35), (19, 1), (38, 12), (256, 9)])
-def test_cross_attention_equals_materialised_softmax(channels, tokens, dtype):
+def test_cross_attention_equals_materialised_softmax(channels, tokens, dtype, split):
     xq, xc, weights = _attention_inputs(2, tokens, channels, dtype)
-    out = cross_attention_tokens(xq, xc, *weights)
+    out = cross_attention_tokens(xq, xc, *weights, split_value_heads=split)
     expected = _materialised(xq, xc, *weights)
     assert out.shape == (2, tokens, channels) and out.dtype == dtype
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
@@ -114,9 +115,15 @@ def test_attention_layout_for_dims(qk_dim, value_dim, heads, head_dim):
     assert layout.heads * layout.value_per_head == value_dim
 
 
-@given(qk_dim=st.integers(1, 300), value_dim=st.integers(1, 600))
-def test_attention_layout_invariants(qk_dim, value_dim):
-    layout = AttentionLayout.for_dims(qk_dim, value_dim)
+@pytest.mark.parametrize("qk_dim,value_dim,head_dim", [(128, 256, 256), (9, 19, 24), (4, 8, 8), (1, 2, 8)])
+def test_single_head_layout_pads_qk_up_to_value(qk_dim, value_dim, head_dim):
+    layout = AttentionLayout.for_dims(qk_dim, value_dim, split_value=False)
+    assert (layout.heads, layout.head_dim) == (1, head_dim)
+
+
+@given(qk_dim=st.integers(1, 300), value_dim=st.integers(1, 600), split=st.booleans())
+def test_attention_layout_invariants(qk_dim, value_dim, split):
+    layout = AttentionLayout.for_dims(qk_dim, value_dim, split_value=split)
     assert layout.head_dim % 8 == 0
     assert layout.heads >= 1 and layout.heads * layout.value_per_head == value_dim
     assert qk_dim <= layout.head_dim < max(qk_dim, layout.value_per_head) + 8

@@ -49,6 +49,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     parser.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"),
                         default="none", help="torch.compile mode for the fast path")
+    parser.add_argument("--attention-layout", choices=("split", "single"), default="split",
+                        help="q/k/v layout for SDPA: v split into heads sharing q/k, or one head")
     parser.add_argument("--no-check-finite", dest="check_finite", action="store_false",
                         help="skip ACAM's NaN/inf input check (saves one host sync per step)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -106,7 +108,8 @@ def _make_inputs(cfg: dict[str, Any]):
     shapes = fpn_level_shapes(cfg["detector"], *cfg["image"])
     C, B = cfg["channels"], cfg["batch"]
     method = ACAM({name: C for name in shapes}, num_masks=cfg["num_masks"], init_std=0.5,
-                  check_finite=cfg.get("check_finite", True)).to(device)
+                  check_finite=cfg.get("check_finite", True),
+                  attention_layout=cfg.get("attention_layout", "split")).to(device)
     teacher = {n: torch.randn(B, C, h, w, device=device, dtype=dtype) for n, (h, w) in shapes.items()}
     student = {n: torch.randn(B, C, h, w, device=device, dtype=dtype).requires_grad_(True)
                for n, (h, w) in shapes.items()}
@@ -141,7 +144,9 @@ def _step_functions(cfg, method, teacher, student, dtype):
 
     # The floor: SDPA forward+backward alone, on the q/k/v the fast path hands the kernel.
     C = cfg["channels"]
-    layout = AttentionLayout.for_dims(C // 2, C)
+    from acamkd.methods.acam import ATTENTION_LAYOUTS
+
+    layout = AttentionLayout.for_dims(C // 2, C, split_value=ATTENTION_LAYOUTS[cfg.get("attention_layout", "split")])
     qkv = []
     for name in method.level_names:
         B, _, h, w = teacher[name].shape
@@ -291,6 +296,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1),
         "compile": args.compile,
         "check_finite": args.check_finite,
+        "attention_layout": args.attention_layout,
         "variants": variants,
     }
 
@@ -342,7 +348,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"acamkd bench acam: {cfg['detector']} {cfg['image'][0]}x{cfg['image'][1]} batch {cfg['batch']} "
         f"{cfg['dtype']} on {cfg['device']} ({report['machine'].get('gpu', report['machine']['platform'])}, "
         f"torch {report['machine']['torch']}), C={cfg['channels']}, M={cfg['num_masks']}, compile={cfg['compile']}, "
-        f"check_finite={cfg.get('check_finite', True)}",
+        f"check_finite={cfg.get('check_finite', True)}, attention_layout={cfg.get('attention_layout', 'split')}",
         "levels: " + ", ".join(f"{n} {v['h']}x{v['w']}" for n, v in report["levels"].items()),
         f"{'variant':<10} {'median ms':>10} {'min ms':>9} {'peak MiB':>10}  attention kernel",
     ]

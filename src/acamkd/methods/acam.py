@@ -38,6 +38,7 @@ from acamkd.ops.masking import (
 __all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "QUERY_SIDES", "MASK_FAMILIES"]
 
 QUERY_SIDES = ("teacher", "student")
+ATTENTION_LAYOUTS = {"split": True, "single": False}  # -> split_value_heads
 MASK_FAMILIES = ("both", "spatial", "channel")
 
 
@@ -130,6 +131,9 @@ class ACAMLevel(nn.Module):
     ``sigmoid(A[m,k] v[k])``, "article" ``sigmoid(<v,U_m>) sigmoid(U_m)``), ``mask_norm``
     ("mass": loss divided by ``sum w``, as in the paper; "energy": by ``sum w^2``), ``masks``
     ("both", or only "spatial" / "channel": the other family is not built at all).
+    ``attention_layout`` changes speed only, never values: how q/k/v are laid out for the fused
+    attention kernels ("split" v into heads sharing q/k, the default, or one "single" head); see
+    :func:`acamkd.ops.attention.cross_attention_tokens`.
 
     Numerics: the alignment, the feature difference, the masks and every loss are computed in
     fp32 even under autocast; only the attention (projections + SDPA) runs in the autocast
@@ -148,6 +152,7 @@ class ACAMLevel(nn.Module):
         mask_norm: str = "mass",
         masks: str = "both",
         init_std: float = 0.01,
+        attention_layout: str = "split",
     ) -> None:
         super().__init__()
         self.teacher_channels = _positive_int("teacher_channels", teacher_channels, 2)
@@ -160,6 +165,7 @@ class ACAMLevel(nn.Module):
         self.mask_norm = _choice("mask_norm", mask_norm, MASK_NORMS)
         self.masks = _choice("masks", masks, MASK_FAMILIES)
         init_std = _weight("init_std", init_std)
+        self.attention_layout = _choice("attention_layout", attention_layout, tuple(ATTENTION_LAYOUTS))
 
         channels, qk_channels = self.teacher_channels, self.teacher_channels // 2
         self.align = nn.Conv2d(self.student_channels, channels, 1)  # f_align: C_s -> C_t
@@ -182,7 +188,8 @@ class ACAMLevel(nn.Module):
     def extra_repr(self) -> str:
         return (f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, "
                 f"num_masks={self.num_masks}, alpha={self.alpha}, lam={self.lam}, query={self.query!r}, "
-                f"channel_mask={self.channel_mask!r}, mask_norm={self.mask_norm!r}, masks={self.masks!r}")
+                f"channel_mask={self.channel_mask!r}, mask_norm={self.mask_norm!r}, masks={self.masks!r}, "
+                f"attention_layout={self.attention_layout!r}")
 
     @staticmethod
     def _linear(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
@@ -207,7 +214,8 @@ class ACAMLevel(nn.Module):
         # STCA-FF under the caller's autocast (bf16 fused kernels on GPU).
         query_src, context_src = (teacher_tokens, aligned) if self.query == "teacher" else (aligned, teacher_tokens)
         fused = cross_attention_tokens(query_src, context_src, *self._linear(self.query_proj),
-                                       *self._linear(self.key_proj), *self._linear(self.value_proj))  # (B, N, C)
+                                       *self._linear(self.key_proj), *self._linear(self.value_proj),
+                                       split_value_heads=ATTENTION_LAYOUTS[self.attention_layout])  # (B, N, C)
 
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}

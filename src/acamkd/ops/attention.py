@@ -53,10 +53,12 @@ class AttentionLayout:
         return self.value_dim // self.heads
 
     @classmethod
-    def for_dims(cls, qk_dim: int, value_dim: int, multiple: int = 8) -> "AttentionLayout":
+    def for_dims(cls, qk_dim: int, value_dim: int, split_value: bool = True, multiple: int = 8) -> "AttentionLayout":
+        """``split_value``: split v into ``value_dim // qk_dim`` heads sharing q/k when it
+        divides (head dim stays ``qk_dim``); else one head with q/k padded up to v's width."""
         if qk_dim < 1 or value_dim < 1:
             raise ValueError(f"attention dims must be >= 1, got qk_dim={qk_dim}, value_dim={value_dim}")
-        heads = value_dim // qk_dim if value_dim % qk_dim == 0 else 1
+        heads = value_dim // qk_dim if split_value and value_dim % qk_dim == 0 else 1
         head_dim = _round_up(max(qk_dim, value_dim // heads), multiple)
         return cls(qk_dim=qk_dim, value_dim=value_dim, heads=heads, head_dim=head_dim)
 
@@ -123,6 +125,7 @@ def cross_attention_tokens(
     w_q: Tensor, b_q: Tensor | None,
     w_k: Tensor, b_k: Tensor | None,
     w_v: Tensor, b_v: Tensor | None,
+    split_value_heads: bool = True,
 ) -> Tensor:
     """``softmax((W_q x_q)(W_k x_c)^T / sqrt(C_q)) (W_v x_c)`` on ``(B, N, C)`` tokens.
 
@@ -130,9 +133,14 @@ def cross_attention_tokens(
     ``(N, N)`` matrix in memory: because q, k and v share one head dim, the kernels that tile
     apply (flash / memory-efficient / cuDNN on GPU; on CPU the blockwise flash kernel, for
     fp64, fp32, fp16 and bf16 alike, forward and backward: a test checks it is the one run).
+
+    ``split_value_heads`` picks the :class:`AttentionLayout`: split v into heads that share
+    q/k (head dim ``C_q``, e.g. 2 x 128 for C=256) or one head with q/k zero-padded to v's
+    width (1 x 256). Same FLOPs, same values. Split is the default: flash kernels are tuned
+    for head dim 128; on CPU the two measured within 6% of each other (docs/performance.md).
     """
     qk_dim, v_dim = w_q.shape[0], w_v.shape[0]
-    layout = AttentionLayout.for_dims(qk_dim, v_dim)
+    layout = AttentionLayout.for_dims(qk_dim, v_dim, split_value=split_value_heads)
     q, k, v = project_padded_qkv(query_tokens, context_tokens, w_q, b_q, w_k, b_k, w_v, b_v, layout)
     scale = 1.0 / math.sqrt(qk_dim)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, N, D)
