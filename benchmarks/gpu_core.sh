@@ -14,6 +14,7 @@ $B --detector retinanet > "$OUT/retina_bf16.json" 2> "$OUT/retina_bf16.err"
 $B --detector retinanet --variants fast --compile default --no-check-finite > "$OUT/retina_bf16_compile.json" 2>> "$OUT/compile.err"
 $B --detector retinanet --variants fast --compile reduce-overhead --no-check-finite > "$OUT/retina_bf16_cudagraph.json" 2>> "$OUT/compile.err"
 $B --detector retinanet --variants fast --no-check-finite > "$OUT/retina_bf16_nocheck.json" 2>> "$OUT/compile.err"
+$B --detector retinanet --variants floor,fast --attention-layout single > "$OUT/retina_bf16_single.json" 2>> "$OUT/compile.err"
 # 3. Faster R-CNN P2-P6 (P2: 67,200 positions; the reference is reported as not fitting)
 $B --detector fasterrcnn > "$OUT/frcnn_bf16.json" 2> "$OUT/frcnn_bf16.err"
 python - "$OUT" <<'PY'
