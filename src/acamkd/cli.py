@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_acam.build_parser(bench_targets.add_parser(
         "acam", help="ACAM-KD fast path vs the SDPA floor and the materialised reference",
         description=bench_acam.__doc__.splitlines()[0]))
+
+    make_data = commands.add_parser(
+        "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
+        description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
+    make_data.add_argument("dataset", choices=("shapes",), help="which built-in dataset")
+    make_data.add_argument("options", nargs=argparse.REMAINDER, help="options of that dataset's generator")
     return parser
 
 
@@ -34,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd.bench import acam as bench_acam
 
         return bench_acam.main(args=args)
+    if args.command == "make-data":
+        from acamkd.data import synthetic
+
+        return synthetic.main(args.options)
     parser.print_help()
     return 2
 
