@@ -3,7 +3,6 @@ determinism, difficulty, the cache and the refusals. Small images keep it fast."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,337 @@
+"""COCO 2017 detection: the official folder layout, read with the ``json`` module, served in
+the torchvision detector target format.
+
+Why our own parser rather than pycocotools: loading needs only three lists from the JSON, and
+parsing them here gives errors that name the file, the key and the offending entry, and lets
+all boxes live in a few flat numpy arrays (cheap to fork into DataLoader workers: no
+per-image Python objects whose refcounts would copy every page).
+
+Conventions (torchvision detectors):
+
+* labels are contiguous ``1..K`` in the order of COCO category ids; ``0`` is background, so
+  a torchvision builder takes ``num_classes = K + 1`` (91 ids -> 80 labels -> 81 classes).
+  ``label_to_cat_id`` maps predictions back to COCO ids for evaluation;
+* boxes are ``xyxy`` in pixels of the decoded image, clipped to it;
+* images are float32 ``(3, H, W)`` RGB in ``[0, 1]``, not normalised (torchvision detectors
+  normalise inside their ``GeneralizedRCNNTransform``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from acamkd.data.images import ON_BAD_IMAGE, BadImageError, read_rgb_image
+
+__all__ = ["CocoDetection", "MIN_BOX_SIZE"]
+
+logger = logging.getLogger("acamkd.data")
+
+# A box narrower or shorter than this (pixels, after clipping) carries no signal and makes
+# torchvision's box coders produce inf/NaN (log of width 0): it is dropped and counted.
+MIN_BOX_SIZE = 1e-3
+COCO_LAYOUT = ("<root>/train2017/*.jpg, <root>/val2017/*.jpg, "
+               "<root>/annotations/instances_{train,val}2017.json")
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _load_json(path: str) -> dict[str, Any]:
+    """Read a COCO instances file; every failure names ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"COCO annotation file not found: {path}. Expected the official COCO 2017 layout "
+            f"{COCO_LAYOUT}; pass root=<that folder>, or ann_file=<path to an instances json>.")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} (char {e.pos}): "
+                         f"{e.msg}. Re-download or re-extract the annotations.") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({e.reason}); is this a COCO json?") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a JSON object with keys {list(_REQUIRED_KEYS)}, "
+                         f"got a {type(data).__name__}")
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r} (a COCO instances file has {list(_REQUIRED_KEYS)}; "
+                             f"found {sorted(data)[:10]})")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: key {key!r} must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def _field(path: str, where: str, entry: Any, key: str) -> Any:
+    """``entry[key]``, or an error naming the file, the list entry and the key."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {where} must be a JSON object, got {type(entry).__name__}")
+    if key not in entry:
+        raise ValueError(f"{path}: {where} has no {key!r} key")
+    return entry[key]
+
+
+def _ann_where(k: int, ann: Any) -> str:
+    return f"annotations[{k}] (id={ann.get('id') if isinstance(ann, dict) else '?'})"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class CocoDetection(Dataset):
+    """COCO-style detection dataset: ``dataset[i] -> (image (3, H, W) float32, target dict)``.
+
+    ``target``: ``boxes`` (N, 4) float32 xyxy pixels, ``labels`` (N,) int64 in ``1..K``,
+    ``image_id`` int (the COCO id), ``orig_size`` (2,) int64 ``(H, W)`` of the decoded image,
+    ``area`` (N,) float32 (the annotation's ``area``, i.e. what COCOeval's size ranges use; box
+    area when missing), ``iscrowd`` (N,) int64 (all zeros with ``skip_crowd=True``).
+    ``transforms(image, target)`` runs last, when given.
+
+    Paths: ``root`` with ``split`` gives ``<root>/<split>2017`` and
+    ``<root>/annotations/instances_<split>2017.json``; ``img_dir``/``ann_file`` override each.
+
+    Kept out of the targets, counted, and logged once (logger ``acamkd.data``): crowd regions
+    (``skip_crowd=True``; torchvision's reference drops them too) and degenerate boxes (no
+    ``bbox``, or width/height ``<= MIN_BOX_SIZE`` after clipping). Images without any
+    annotation stay in the dataset with ``boxes`` of shape (0, 4).
+
+    Bad images. Files listed in the json but absent from ``img_dir`` are found at construction
+    (one directory listing, not one stat per file): ``on_bad_image="error"`` raises naming them,
+    ``"skip"`` leaves them out of ``image_ids``. Files that exist but cannot be decoded (or decode
+    to a size other than the json's width/height, which would misplace every box) are found
+    lazily in ``__getitem__``: "error" raises :class:`BadImageError` naming the path, "skip"
+    returns the next valid item (``i+1, i+2, ...`` wrapping around, so the answer is
+    deterministic). Every skipped file is recorded in ``skipped`` (path -> reason) and logged
+    once. With DataLoader workers each worker holds its own copy of ``skipped``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
+                 img_dir: str | os.PathLike | None = None, ann_file: str | os.PathLike | None = None,
+                 transforms: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None,
+                 on_bad_image: str = "error", skip_crowd: bool = True) -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"CocoDetection: on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        if root is None and (img_dir is None or ann_file is None):
+            raise ValueError(f"CocoDetection: pass root=<COCO folder> (layout {COCO_LAYOUT}), "
+                             f"or both img_dir= and ann_file=")
+        self.root = None if root is None else os.fspath(root)
+        self.split = split
+        self.img_dir = os.fspath(img_dir) if img_dir is not None else os.path.join(self.root, f"{split}2017")
+        self.ann_file = (os.fspath(ann_file) if ann_file is not None
+                         else os.path.join(self.root, "annotations", f"instances_{split}2017.json"))
+        self.transforms = transforms
+        self.on_bad_image = on_bad_image
+        self.skip_crowd = bool(skip_crowd)
+        self.skipped: dict[str, str] = {}  # path -> why it was skipped
+        self._bad: set[int] = set()  # dataset positions known to be undecodable
+
+        data = _load_json(self.ann_file)
+        self._parse_categories(data["categories"])
+        self._parse_images(data["images"])
+        self._parse_annotations(data["annotations"])
+
+    # ----------------------------------------------------------------------------- parsing
+    def _parse_categories(self, cats: list) -> None:
+        path = self.ann_file
+        names: dict[int, str] = {}
+        for k, cat in enumerate(cats):
+            cid = _field(path, f"categories[{k}]", cat, "id")
+            name = _field(path, f"categories[{k}]", cat, "name")
+            if cid in names:
+                raise ValueError(f"{path}: categories[{k}] repeats category id {cid} ({names[cid]!r} and {name!r})")
+            names[cid] = str(name)
+        if not names:
+            raise ValueError(f"{path}: 'categories' is empty; a detection dataset needs at least one class")
+        self.cat_ids: list[int] = sorted(names)
+        self.cat_id_to_label: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}  # 0 = background
+        self.label_to_cat_id: dict[int, int] = {lab: cid for cid, lab in self.cat_id_to_label.items()}
+        self.class_names: list[str] = ["__background__"] + [names[c] for c in self.cat_ids]  # index by label
+        self.num_classes: int = len(self.cat_ids) + 1  # K + 1, what torchvision builders take
+
+    def _parse_images(self, images: list) -> None:
+        path = self.ann_file
+        info: dict[int, tuple[str, int, int]] = {}  # id -> (file_name, H, W)
+        for k, img in enumerate(images):
+            where = f"images[{k}]"
+            iid = _field(path, where, img, "id")
+            entry = (str(_field(path, where, img, "file_name")),
+                     int(_field(path, where, img, "height")), int(_field(path, where, img, "width")))
+            if iid in info:
+                raise ValueError(f"{path}: {where} repeats image id {iid}")
+            info[iid] = entry
+        self._all_image_ids = set(info)
+        if not os.path.isdir(self.img_dir):
+            raise FileNotFoundError(
+                f"COCO image folder not found: {self.img_dir} (images listed in {path}). Expected the "
+                f"official layout {COCO_LAYOUT}; or pass img_dir=<folder with the images>.")
+        ids = sorted(info)  # torchvision's order: by image id
+        missing = self._missing_files([info[i][0] for i in ids])
+        if missing:
+            shown = ", ".join(os.path.join(self.img_dir, f) for f in missing[:3])
+            if self.on_bad_image == "error":
+                raise FileNotFoundError(
+                    f"{len(missing)} image file(s) listed in {path} are missing from {self.img_dir}: "
+                    f"{shown}{' ...' if len(missing) > 3 else ''}. Re-extract the images, point img_dir= "
+                    f"at the right folder, or pass on_bad_image='skip' to leave them out.")
+            gone = set(missing)
+            for f in missing:
+                self.skipped[os.path.join(self.img_dir, f)] = "missing on disk"
+            ids = [i for i in ids if info[i][0] not in gone]
+            logger.warning("%s: %d image file(s) listed in %s are missing from %s and were left out "
+                           "(on_bad_image='skip'); first: %s", type(self).__name__, len(missing), path,
+                           self.img_dir, shown)
+        self.image_ids: list[int] = ids
+        self.file_names: list[str] = [info[i][0] for i in ids]
+        self._sizes = np.array([info[i][1:] for i in ids], dtype=np.int64).reshape(-1, 2)  # (N, 2) H, W
+
+    def _missing_files(self, file_names: list[str]) -> list[str]:
+        """File names absent from ``img_dir``: one listing of the folder (stat-free) when every
+        name is a plain base name, one ``os.path.exists`` each otherwise."""
+        if all(os.sep not in f and "/" not in f for f in file_names):
+            on_disk = set(os.listdir(self.img_dir))
+            return [f for f in file_names if f not in on_disk]
+        return [f for f in file_names if not os.path.exists(os.path.join(self.img_dir, f))]
+
+    def _parse_annotations(self, anns: list) -> None:
+        path = self.ann_file
+        pos = {iid: p for p, iid in enumerate(self.image_ids)}
+        rows_img, rows_box, rows_label, rows_area, rows_crowd = [], [], [], [], []
+        n_crowd = n_nobox = 0
+        for k, ann in enumerate(anns):
+            try:  # fast path; the message (an f-string per annotation is not free on 860k) only on failure
+                iid, cid = ann["image_id"], ann["category_id"]
+            except (KeyError, TypeError):
+                for key in ("image_id", "category_id"):
+                    _field(path, _ann_where(k, ann), ann, key)
+                raise
+            if iid not in self._all_image_ids:
+                raise ValueError(f"{path}: {_ann_where(k, ann)} points to image_id={iid!r}, "
+                                 f"which is not listed in 'images'")
+            if cid not in self.cat_id_to_label:
+                raise ValueError(f"{path}: {_ann_where(k, ann)} has category_id={cid!r}, which is not listed "
+                                 f"in 'categories' (known ids: {self.cat_ids[:10]}{' ...' if len(self.cat_ids) > 10 else ''})")
+            crowd = int(ann.get("iscrowd", 0) or 0)
+            if crowd and self.skip_crowd:
+                n_crowd += 1
+                continue
+            if iid not in pos:  # its image was left out (missing on disk, on_bad_image="skip")
+                continue
+            bbox = ann.get("bbox")
+            if bbox is None or (isinstance(bbox, list) and len(bbox) == 0):
+                n_nobox += 1
+                continue
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                raise ValueError(f"{path}: {_ann_where(k, ann)} has bbox={bbox!r}; expected [x, y, width, height]")
+            rows_img.append(pos[iid])
+            rows_box.append(bbox)
+            rows_label.append(self.cat_id_to_label[cid])
+            area = ann.get("area", -1.0)
+            rows_area.append(area if _is_number(area) else -1.0)
+            rows_crowd.append(crowd)
+
+        n_img = len(self.image_ids)
+        img = np.asarray(rows_img, dtype=np.int64)  # (A,)
+        xywh = np.array(rows_box)  # (A, 4); a string or null anywhere gives a non-numeric dtype
+        if xywh.size and xywh.dtype.kind not in "iuf":  # find the culprit for the message
+            for k, ann in enumerate(anns):
+                bbox = ann.get("bbox")
+                if isinstance(bbox, list) and not all(_is_number(v) for v in bbox):
+                    raise ValueError(f"{path}: {_ann_where(k, ann)} has bbox={bbox!r}; "
+                                     f"expected 4 numbers [x, y, width, height]")
+        xywh = xywh.astype(np.float64).reshape(-1, 4)
+        hw = self._sizes[img].astype(np.float64)  # (A, 2) height, width of each box's image
+        x1 = np.clip(xywh[:, 0], 0, hw[:, 1])
+        y1 = np.clip(xywh[:, 1], 0, hw[:, 0])
+        x2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, hw[:, 1])
+        y2 = np.clip(xywh[:, 1] + xywh[:, 3], 0, hw[:, 0])
+        keep = ((x2 - x1) > MIN_BOX_SIZE) & ((y2 - y1) > MIN_BOX_SIZE)  # NaN compares False: dropped too
+        n_degenerate = n_nobox + int((~keep).sum())
+
+        order = np.argsort(img[keep], kind="stable")  # group by image, json order within an image
+        boxes = np.stack([x1, y1, x2, y2], axis=1)[keep][order]
+        area = np.asarray(rows_area, dtype=np.float64)[keep][order]
+        box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        area = np.where(area >= 0, area, box_area)  # missing 'area' -> the clipped box's area
+        self._boxes = boxes.astype(np.float32)  # (A', 4) xyxy
+        self._labels = np.asarray(rows_label, dtype=np.int64)[keep][order]  # (A',)
+        self._area = area.astype(np.float32)  # (A',)
+        self._iscrowd = np.asarray(rows_crowd, dtype=np.int64)[keep][order]  # (A',)
+        counts = np.bincount(img[keep], minlength=n_img)  # (N,)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (N + 1,)
+
+        self.num_degenerate = n_degenerate
+        self.num_crowd_skipped = n_crowd
+        if n_degenerate:
+            logger.warning("%s %s: dropped %d degenerate box(es) (no bbox, or width/height <= %g px after "
+                           "clipping to the image) out of %d annotations", type(self).__name__, path,
+                           n_degenerate, MIN_BOX_SIZE, len(anns))
+        logger.info("%s %s: %d images, %d boxes, %d classes (+background), %d crowd regions left out",
+                    type(self).__name__, path, n_img, len(self._boxes), len(self.cat_ids), n_crowd)
+
+    # ----------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.img_dir, self.file_names[index])
+
+    def target(self, index: int) -> dict[str, Any]:
+        """The target of item ``index`` without decoding its image (and without ``transforms``)."""
+        s, e = int(self._offsets[index]), int(self._offsets[index + 1])
+        return {
+            "boxes": torch.from_numpy(self._boxes[s:e].copy()),  # (N, 4) xyxy
+            "labels": torch.from_numpy(self._labels[s:e].copy()),  # (N,)
+            "image_id": int(self.image_ids[index]),
+            "orig_size": torch.from_numpy(self._sizes[index].copy()),  # (2,) H, W
+            "area": torch.from_numpy(self._area[s:e].copy()),  # (N,)
+            "iscrowd": torch.from_numpy(self._iscrowd[s:e].copy()),  # (N,)
+        }
+
+    def _load_image(self, index: int) -> Tensor:
+        path = self.image_path(index)
+        image = read_rgb_image(path)  # (3, H, W)
+        h, w = (int(v) for v in self._sizes[index])
+        if tuple(image.shape[1:]) != (h, w):
+            raise BadImageError(f"{path}: decoded size {image.shape[1]}x{image.shape[2]} (HxW) differs from "
+                                f"{h}x{w} recorded in {self.ann_file}; its boxes would be misplaced. "
+                                f"Replace the file, or pass on_bad_image='skip'.")
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        n = len(self)
+        index = operator.index(index)
+        if not -n <= index < n:
+            raise IndexError(f"{type(self).__name__} index {index} out of range for {n} images")
+        index %= n
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                image = self._load_image(j)
+            except BadImageError as e:
+                if self.on_bad_image == "error":
+                    raise
+                self._bad.add(j)
+                self.skipped[self.image_path(j)] = str(e)
+                logger.warning("%s: skipping unreadable image (%d skipped so far): %s",
+                               type(self).__name__, len(self.skipped), e)
+                continue
+            target = self.target(j)
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+            return image, target
+        raise BadImageError(f"{type(self).__name__}: none of the {n} images under {self.img_dir} could be "
+                            f"decoded; see dataset.skipped for the reasons")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_dir={self.img_dir!r}, ann_file={self.ann_file!r}, "
+                f"images={len(self)}, num_classes={self.num_classes}, on_bad_image={self.on_bad_image!r})")
