@@ -82,5 +82,9 @@ def mean_pairwise_dice(masks: Tensor) -> Tensor:
     if num_masks < 2:
         return masks.new_zeros(())
     dice = pairwise_dice(masks)
-    off_diagonal = dice.sum((1, 2)) - torch.diagonal(dice, dim1=1, dim2=2).sum(-1)
+    # Sum the off-diagonal entries through a 0/1 mask rather than "total - trace": the trace
+    # is 1 per image with a gradient that cancels only in exact arithmetic, and torch.compile
+    # (inductor, torch 2.14 CPU) returned garbage gradients for the subtraction form.
+    off = 1.0 - torch.eye(num_masks, dtype=dice.dtype, device=dice.device)
+    off_diagonal = (dice * off).sum((1, 2))
     return (off_diagonal / (num_masks * (num_masks - 1))).mean()
