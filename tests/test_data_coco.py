@@ -223,7 +223,7 @@ def test_dataloader_with_detection_collate(coco_root):
 def test_index_out_of_range_and_negative(coco_root):
     ds = CocoDetection(coco_root)
     assert ds[-1][1]["image_id"] == ds.image_ids[-1]
-    with pytest.raises(IndexError, match="out of range for 4 images"):
+    with pytest.raises(IndexError, match="out of range for 4 samples"):
         ds[4]
 
 
@@ -376,7 +376,7 @@ def test_all_images_bad_raises(tmp_path):
     make_coco(tmp_path, images=images, annotations=[])
     (tmp_path / "train2017" / "a.jpg").write_bytes(b"broken")
     ds = CocoDetection(tmp_path, on_bad_image="skip")
-    with pytest.raises(BadImageError, match="none of the 1 images"):
+    with pytest.raises(BadImageError, match="none of the 1 samples"):
         ds[0]
 
 

@@ -9,7 +9,6 @@ table, so a fresh download works without running the preparation script.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 from collections.abc import Callable, Sequence
 
@@ -19,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from acamkd.data.images import ON_BAD_IMAGE, BadImageError, read_rgb_image
+from acamkd.data.images import ON_BAD_IMAGE, BadImageError, load_skipping_bad, read_rgb_image
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "IGNORE_INDEX",
            "labelids_to_trainids"]
@@ -249,30 +248,13 @@ class CityscapesSegmentation(Dataset):
         return image, torch.from_numpy(label.astype(np.int64))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        n = len(self)
-        index = operator.index(index)
-        if not -n <= index < n:
-            raise IndexError(f"{type(self).__name__} index {index} out of range for {n} images")
-        index %= n
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad:
-                continue
-            try:
-                image, label = self._load(j)
-            except BadImageError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad.add(j)
-                self.skipped[self.images[j]] = str(e)
-                logger.warning("%s: skipping unreadable sample (%d skipped so far): %s",
-                               type(self).__name__, len(self.skipped), e)
-                continue
-            if self.transforms is not None:
-                image, label = self.transforms(image, label)
-            return image, label
-        raise BadImageError(f"{type(self).__name__}: none of the {n} samples under {self.root} could be "
-                            f"decoded; see dataset.skipped for the reasons")
+        return load_skipping_bad(self, index, self._load_pair, self.images.__getitem__, self.root)
+
+    def _load_pair(self, j: int) -> tuple[Tensor, Tensor]:
+        image, label = self._load(j)
+        if self.transforms is not None:
+            image, label = self.transforms(image, label)
+        return image, label
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, images={len(self)}, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from acamkd.data.images import ON_BAD_IMAGE, BadImageError, read_rgb_image
+from acamkd.data.images import ON_BAD_IMAGE, BadImageError, load_skipping_bad, read_rgb_image
 
 __all__ = ["CocoDetection", "MIN_BOX_SIZE"]
 
@@ -306,31 +305,13 @@ class CocoDetection(Dataset):
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        n = len(self)
-        index = operator.index(index)
-        if not -n <= index < n:
-            raise IndexError(f"{type(self).__name__} index {index} out of range for {n} images")
-        index %= n
-        for step in range(n):
-            j = (index + step) % n
-            if j in self._bad:
-                continue
-            try:
-                image = self._load_image(j)
-            except BadImageError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad.add(j)
-                self.skipped[self.image_path(j)] = str(e)
-                logger.warning("%s: skipping unreadable image (%d skipped so far): %s",
-                               type(self).__name__, len(self.skipped), e)
-                continue
-            target = self.target(j)
-            if self.transforms is not None:
-                image, target = self.transforms(image, target)
-            return image, target
-        raise BadImageError(f"{type(self).__name__}: none of the {n} images under {self.img_dir} could be "
-                            f"decoded; see dataset.skipped for the reasons")
+        return load_skipping_bad(self, index, self._load_pair, self.image_path, self.img_dir)
+
+    def _load_pair(self, j: int) -> tuple[Tensor, dict[str, Any]]:
+        image, target = self._load_image(j), self.target(j)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_dir={self.img_dir!r}, ann_file={self.ann_file!r}, "
