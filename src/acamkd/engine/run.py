@@ -1,0 +1,139 @@
+"""From a config to a running job: build the task, models, method and trainer; train, distil,
+evaluate, export. The CLI is a thin layer over these functions."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from acamkd.config import Config, ModelConfig
+from acamkd.engine.distributed import DistInfo, init_distributed
+from acamkd.engine.trainer import Trainer
+from acamkd.methods import build as build_method
+from acamkd.models import inherit_weights
+
+__all__ = ["build_task", "prepare", "train", "distill", "evaluate", "export_student", "sha256_of"]
+
+logger = logging.getLogger("acamkd")
+
+
+def build_task(cfg: Config, info: DistInfo):
+    if cfg.student.task == "detection":
+        from acamkd.engine.detection import DetectionTask
+
+        return DetectionTask(cfg, info)
+    raise NotImplementedError(f"student.task={cfg.student.task!r}: only detection is wired to the engine so far")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _teacher_config(cfg: Config) -> ModelConfig:
+    if cfg.teacher is None or not cfg.teacher.checkpoint:
+        raise ValueError("distill needs a trained teacher: set teacher.checkpoint=PATH (a checkpoint written by "
+                         "`acamkd train` or a state dict of the same architecture)")
+    if not os.path.isfile(cfg.teacher.checkpoint):
+        raise FileNotFoundError(f"teacher.checkpoint: no file at {cfg.teacher.checkpoint}")
+    return cfg.teacher
+
+
+def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
+    """Everything ``train`` (mode "train") or ``distill`` (mode "distill") needs, seeded."""
+    info = info or init_distributed()
+    torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's result
+    task = build_task(cfg, info)
+    train_set, val_set = task.datasets()
+    num_classes = train_set.num_classes - 1
+    student = task.build_model(cfg.student, num_classes, "student")
+    teacher = method = None
+    if mode == "distill":
+        teacher_cfg = _teacher_config(cfg)
+        teacher = task.build_model(teacher_cfg, num_classes, "teacher")  # strict load inside
+        if info.is_main:
+            logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
+        if cfg.train.inherit_teacher:
+            report = inherit_weights(student, teacher)
+            logger.info("inherited %d teacher tensors (%s); skipped %d", len(report.copied),
+                        ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
+        if cfg.method.name is None:
+            raise ValueError("distill needs method.name (e.g. method.name=acam)")
+        sample = [train_set[0][0]]
+        t_channels = task.tap_channels(teacher, cfg.teacher.taps, sample)
+        s_channels = task.tap_channels(student, cfg.student.taps, sample)
+        if sorted(t_channels) != sorted(s_channels):
+            raise ValueError(f"teacher taps {sorted(t_channels)} and student taps {sorted(s_channels)} differ: "
+                             f"set teacher.taps and student.taps to levels that pair up")
+        method = build_method(cfg.method.name, teacher_channels=t_channels, student_channels=s_channels,
+                              **cfg.method.options)
+    task.attach(student, teacher)
+    return Trainer(cfg, task, info, student, train_set, val_set, teacher=teacher, method=method)
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, float]:
+    return prepare(cfg, "train").fit(resume=resume)
+
+
+def distill(cfg: Config, resume: bool = False, eval_teacher: bool | None = None) -> dict[str, Any]:
+    """Distil; by default evaluate the teacher first, so a teacher that did not load shows at step 0."""
+    trainer = prepare(cfg, "distill")
+    result: dict[str, Any] = {}
+    if (cfg.train.eval_teacher_first if eval_teacher is None else eval_teacher) and not resume:
+        result["teacher"] = trainer.task.evaluate(trainer.teacher, trainer.val_loader(), trainer.val_set)
+        logger.info("teacher before distillation: %s", result["teacher"])
+    result["student"] = trainer.fit(resume=resume)
+    return result
+
+
+def _student_state(path: str) -> dict[str, torch.Tensor]:
+    """The student's weights from an engine checkpoint (key ``student``) or a plain state dict."""
+    from acamkd.models.weights import load_state_dict_file
+
+    return load_state_dict_file(path)
+
+
+def load_student(cfg: Config, checkpoint: str, info: DistInfo | None = None) -> tuple[Any, nn.Module, Any]:
+    info = info or init_distributed()
+    task = build_task(cfg, info)
+    _, val_set = task.datasets()
+    model = task.build_model(cfg.student, val_set.num_classes - 1, "student")
+    from acamkd.models.weights import load_weights_strict
+
+    load_weights_strict(model, _student_state(checkpoint), checkpoint, f"{cfg.student.arch}/{cfg.student.backbone}")
+    return task, model.to(info.device), val_set
+
+
+def evaluate(cfg: Config, checkpoint: str) -> dict[str, float]:
+    from torch.utils.data import DataLoader
+
+    from acamkd.engine.sampling import ResumableSampler
+
+    info = init_distributed()
+    task, model, val_set = load_student(cfg, checkpoint, info)
+    task.attach(model, None)
+    loader = DataLoader(val_set, batch_size=cfg.eval.batch_size or cfg.data.batch_size,
+                        sampler=ResumableSampler(len(val_set), shuffle=False, rank=info.rank,
+                                                 world_size=info.world_size),
+                        num_workers=cfg.data.workers, collate_fn=task.collate)
+    return task.evaluate(model, loader, val_set)
+
+
+def export_student(cfg: Config, checkpoint: str, out: str) -> list[str]:
+    """Student weights only (the method's modules are training-only) as safetensors."""
+    from safetensors.torch import save_file
+
+    weights = _student_state(checkpoint)
+    _, model, _ = load_student(cfg, checkpoint)  # proves the weights fit the configured student
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(state, out, metadata={"arch": cfg.student.arch, "backbone": cfg.student.backbone,
+                                    "source": os.path.basename(checkpoint)})
+    return sorted(weights)
