@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -20,12 +21,53 @@ def build_parser() -> argparse.ArgumentParser:
         "acam", help="ACAM-KD fast path vs the SDPA floor and the materialised reference",
         description=bench_acam.__doc__.splitlines()[0]))
 
+    for name, help_text in (("train", "train a model (a teacher, or a student without distillation)"),
+                            ("distill", "distil a student from a trained teacher (teacher.checkpoint)"),
+                            ("eval", "evaluate a checkpoint's student and print the metrics as JSON"),
+                            ("export", "write a checkpoint's student weights (only) as safetensors")):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("config", help="YAML config (see configs/)")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.root=/data/coco")
+        if name in ("train", "distill"):
+            sub.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.pt")
+        if name == "distill":
+            sub.add_argument("--no-eval-teacher", dest="eval_teacher", action="store_false", default=None,
+                             help="skip evaluating the teacher before distilling")
+        if name in ("eval", "export"):
+            sub.add_argument("--checkpoint", required=True, help="a checkpoint written by train/distill")
+        if name == "export":
+            sub.add_argument("--out", required=True, help="output .safetensors file")
+
     make_data = commands.add_parser(
         "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
         description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
     make_data.add_argument("dataset", choices=("shapes",), help="which built-in dataset")
     make_data.add_argument("options", nargs=argparse.REMAINDER, help="options of that dataset's generator")
     return parser
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from acamkd.config import load_config
+    from acamkd.engine import run
+
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        result = run.train(cfg, resume=args.resume)
+    elif args.command == "distill":
+        result = run.distill(cfg, resume=args.resume, eval_teacher=args.eval_teacher)
+    elif args.command == "eval":
+        result = run.evaluate(cfg, args.checkpoint)
+    else:
+        names = run.export_student(cfg, args.checkpoint, args.out)
+        result = {"out": args.out, "tensors": len(names)}
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd.bench import acam as bench_acam
 
         return bench_acam.main(args=args)
+    if args.command in ("train", "distill", "eval", "export"):
+        return _run_job(args)
     if args.command == "make-data":
         from acamkd.data import synthetic
 
