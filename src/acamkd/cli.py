@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             sub.add_argument("--out", required=True, help="output .safetensors file")
 
+    from acamkd import demo
+
+    demo.build_parser(commands.add_parser("demo", help="teacher, student and student + ACAM-KD on the built-in "
+                                                       "dataset, one table", description=demo.__doc__.splitlines()[0]))
+
     make_data = commands.add_parser(
         "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
         description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench_acam.main(args=args)
     if args.command in ("train", "distill", "eval", "export"):
         return _run_job(args)
+    if args.command == "demo":
+        from acamkd import demo
+
+        return demo.main(args=args)
     if args.command == "make-data":
         from acamkd.data import synthetic
 

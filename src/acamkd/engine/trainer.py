@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
 from typing import Any
 
@@ -85,6 +86,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.distiller, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
         self.epoch, self.batches_done, self.step = 0, 0, 0
+        self.step_seconds: list[float] = []  # wall time of each optimizer step of this process
 
     # ------------------------------------------------------------------ state
     def _loader(self) -> DataLoader:
@@ -156,6 +158,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, start=min(self.batches_done * self.cfg.data.batch_size,
                                                           self.sampler.per_rank))
             tic, images_seen = time.perf_counter(), 0
+            step_start = time.perf_counter()
             for batch in self._loader():
                 images_seen += self.task.batch_size(batch)
                 losses = self._micro_step(batch)
@@ -163,6 +166,7 @@ class Trainer:
                 if self.batches_done % t.accumulate and self.batches_done < self.batches_per_epoch:
                     continue
                 self._optimizer_step()
+                self.step_seconds.append(time.perf_counter() - step_start)  # data + forward + backward + step
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     self._log(log, losses, images_seen / (time.perf_counter() - tic))
                 log.advance()
@@ -172,6 +176,7 @@ class Trainer:
                     metrics = self.validate(log)
                 if self.step >= self.total_steps:
                     break
+                step_start = time.perf_counter()
             if self.batches_done >= self.batches_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 if self._due(t.checkpoint_every, epoch_end=True):
@@ -184,6 +189,10 @@ class Trainer:
         if self.info.is_main:
             with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
                 json.dump({"step": self.step, **metrics}, f, indent=1)
+            if self.step_seconds:  # apart from the metrics: timings differ between equal runs
+                with open(os.path.join(self.output_dir, "timing.json"), "w") as f:
+                    json.dump({"sec_per_step": statistics.median(self.step_seconds),
+                               "steps_timed": len(self.step_seconds)}, f, indent=1)
         return metrics
 
     def _due(self, every: int, epoch_end: bool) -> bool:
