@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import statistics
@@ -31,6 +32,8 @@ from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
 from acamkd.engine.schedule import build_optimizer, build_scheduler
 
 __all__ = ["Distiller", "Trainer", "TrainingDiverged"]
+
+logger = logging.getLogger("acamkd")
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,9 +238,14 @@ class Trainer:
         values.update(lr=self.optimizer.param_groups[0]["lr"], epoch=self.epoch,
                       img_per_s=images_per_s * self.info.world_size)
         log.log(self.step, values)
+        if self.info.is_main:
+            logger.info("step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s", self.step, self.total_steps,
+                        self.epoch, values["loss"], values["lr"], values["img_per_s"])
 
     def validate(self, log: RunLog | None = None) -> dict[str, float]:
         metrics = self.task.evaluate(self.distiller.student, self.val_loader(), self.val_set)
+        if self.info.is_main:
+            logger.info("step %d validation: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
         if log is not None:
             log.log(self.step, metrics, kind="val")
         return metrics
