@@ -114,3 +114,11 @@ def test_teacher_of_another_architecture_lists_mismatched_keys(teacher, tmp_path
     proc = acamkd(*distill_args(base, root, ckpt, tmp_path / "y")[:-2], f"teacher.checkpoint={ckpt}", check=False)
     assert proc.returncode != 0
     assert "do not fit retinanet with resnet50" in proc.stderr and "backbone.body" in proc.stderr
+
+
+def test_nan_guard_stops_with_the_step_and_the_losses(teacher, tmp_path):
+    base, root, _ = teacher
+    proc = acamkd("train", f"{DEMO}/shapes_det_student.yaml", *tiny(root, tmp_path / "nan", iterations=4),
+                  "train.lr=1e12", "train.grad_clip=null", "train.warmup_iters=0", check=False)
+    assert proc.returncode == 1
+    assert "TrainingDiverged: non-finite loss at step" in proc.stderr and "task.classification" in proc.stderr

@@ -88,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_acam.main(args=args)
     if args.command in ("train", "distill", "eval", "export"):
-        return _run_job(args)
+        try:
+            return _run_job(args)
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+            if os.environ.get("ACAMKD_TRACEBACK"):
+                raise
+            # Bad configs, files, checkpoints and diverged losses: the message says what and where.
+            print(f"acamkd {args.command}: {type(err).__name__}: {err}\n"
+                  f"(set ACAMKD_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            return 1
     if args.command == "demo":
         from acamkd import demo
 
