@@ -56,3 +56,9 @@ def test_bad_names_are_rejected_with_the_key():
         build_optimizer(frozen.parameters(), "sgd", lr=0.1)
     assert isinstance(build_optimizer(torch.nn.Linear(1, 1).parameters(), "adamw", lr=1e-3), torch.optim.AdamW)
     assert math.isclose(lr_factor(5, 10, "step", milestones=[3], gamma=0.5), 0.5)
+
+
+def test_cosine_and_poly_end_at_min_ratio():
+    assert lr_factor(100, 100, "cosine", min_ratio=0.05) == pytest.approx(0.05)
+    assert lr_factor(0, 100, "poly", min_ratio=0.05) == pytest.approx(1.0)
+    assert lr_factor(50, 100, "poly", poly_power=1.0, min_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)

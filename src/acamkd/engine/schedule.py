@@ -19,8 +19,10 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def lr_factor(iteration: int, total: int, schedule: str = "step", milestones: Sequence[int] = (),
               gamma: float = 0.1, poly_power: float = 0.9, warmup_iters: int = 0,
-              warmup_ratio: float = 0.001) -> float:
+              warmup_ratio: float = 0.001, min_ratio: float = 0.0) -> float:
     """Multiplier of the base lr at ``iteration`` (0-based) of ``total`` iterations.
+
+    Cosine and poly decay from 1 to ``min_ratio`` (``train.min_lr / train.lr``).
 
     Warm-up is linear from ``warmup_ratio`` to 1 over ``warmup_iters`` iterations (mmdet's
     rule: ``ratio + (1 - ratio) * it / warmup_iters``), multiplied onto the decay, as mmdet does.
@@ -29,8 +31,10 @@ def lr_factor(iteration: int, total: int, schedule: str = "step", milestones: Se
         decay = gamma ** sum(iteration >= m for m in milestones)
     elif schedule == "cosine":
         decay = 0.5 * (1 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
+        decay = min_ratio + (1 - min_ratio) * decay
     elif schedule == "poly":
         decay = (1 - min(iteration, total) / max(total, 1)) ** poly_power
+        decay = min_ratio + (1 - min_ratio) * decay
     else:
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if iteration < warmup_iters:
@@ -53,11 +57,12 @@ def build_optimizer(params: Iterable, name: str, lr: float, momentum: float = 0.
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, schedule: str = "step",
                     milestones: Sequence[int] = (), gamma: float = 0.1, poly_power: float = 0.9,
-                    warmup_iters: int = 0, warmup_ratio: float = 0.001) -> torch.optim.lr_scheduler.LambdaLR:
+                    warmup_iters: int = 0, warmup_ratio: float = 0.001,
+                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration ``LambdaLR`` over :func:`lr_factor` (call ``step()`` once per optimizer step)."""
     lr_factor(0, total, schedule)  # validate the name now, not at the first step
 
     def factor(it: int) -> float:
-        return lr_factor(it, total, schedule, milestones, gamma, poly_power, warmup_iters, warmup_ratio)
+        return lr_factor(it, total, schedule, milestones, gamma, poly_power, warmup_iters, warmup_ratio, min_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

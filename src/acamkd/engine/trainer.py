@@ -79,7 +79,7 @@ class Trainer:
         self.unit = unit
         self.optimizer = build_optimizer(self.distiller.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, t.schedule, [m * unit for m in t.steps],
-                                         t.gamma, t.poly_power, t.warmup_iters, t.warmup_ratio)
+                                         t.gamma, t.poly_power, t.warmup_iters, t.warmup_ratio, t.min_lr / t.lr)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
         use_amp = self.amp_dtype is not None and info.device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if use_amp else contextlib.nullcontext
