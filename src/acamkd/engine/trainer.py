@@ -121,7 +121,9 @@ class Trainer:
         barrier(self.info)
 
     def load(self, path: str) -> None:
-        state = load_checkpoint(path, map_location=self.info.device)
+        # CPU first: RNG states must stay CPU byte tensors; weights and optimizer state are
+        # copied onto the parameters' device by load_state_dict.
+        state = load_checkpoint(path, map_location="cpu")
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
                              f"{self.info.world_size}: resume with the same process count")
