@@ -71,3 +71,13 @@ def test_cli_json_report(capsys):
 def test_cli_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("variant", ["student", "teacher", "distill"])
+def test_distill_bench_workers_measure(variant):
+    from acamkd.bench.distill import _run_worker
+
+    cfg = {"device": "cpu", "arch": "retinanet", "teacher": "resnet18", "student": "resnet18", "image": [64, 96],
+           "batch": 1, "dtype": "fp32", "method": "acam", "repeats": 1, "warmup": 0}
+    result = _run_worker(variant, cfg)
+    assert result["median_ms"] > 0 and result["images_per_s"] > 0 and result["peak_mib"] >= 0

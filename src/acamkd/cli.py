@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_acam.build_parser(bench_targets.add_parser(
         "acam", help="ACAM-KD fast path vs the SDPA floor and the materialised reference",
         description=bench_acam.__doc__.splitlines()[0]))
+    from acamkd.bench import distill as bench_distill
+
+    bench_distill.build_parser(bench_targets.add_parser(
+        "distill", help="distillation step vs student step + teacher forward (images/s, peak memory)",
+        description=bench_distill.__doc__.splitlines()[0]))
 
     for name, help_text in (("train", "train a model (a teacher, or a student without distillation)"),
                             ("distill", "distil a student from a trained teacher (teacher.checkpoint)"),
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd.bench import acam as bench_acam
 
         return bench_acam.main(args=args)
+    if args.command == "bench" and args.target == "distill":
+        from acamkd.bench import distill as bench_distill
+
+        return bench_distill.main(args=args)
     if args.command in ("train", "distill", "eval", "export"):
         try:
             return _run_job(args)
