@@ -6,7 +6,10 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+try:  # the GPU machines' image has pytest but not hypothesis: their tests do not need it
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    settings = None
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_acam_helpers.py
 
@@ -14,14 +17,15 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/_acam_helpers.py
 # dominates, and is erratic, on a 2-core machine with other work running).
 torch.set_num_threads(int(os.environ.get("ACAMKD_TEST_THREADS", "1")))
 
-settings.register_profile(
-    "acamkd",
-    max_examples=25,
-    deadline=None,
-    derandomize=True,  # same examples on every run: the suite is deterministic
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "acamkd"))
+if settings is not None:
+    settings.register_profile(
+        "acamkd",
+        max_examples=25,
+        deadline=None,
+        derandomize=True,  # same examples on every run: the suite is deterministic
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "acamkd"))
 
 
 @pytest.fixture(autouse=True)
