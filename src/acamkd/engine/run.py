@@ -66,7 +66,8 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
                         ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
         if cfg.method.name is None:
             raise ValueError("distill needs method.name (e.g. method.name=acam)")
-        sample = [train_set[0][0]]
+        # Custom taps need one forward to learn their channels; FPN taps are read off the model.
+        sample = [train_set[0][0]] if (cfg.teacher.taps or cfg.student.taps) else []
         t_channels = task.tap_channels(teacher, cfg.teacher.taps, sample)
         s_channels = task.tap_channels(student, cfg.student.taps, sample)
         if sorted(t_channels) != sorted(s_channels):
