@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
+
+from acamkd.bench.measure import available_bytes, machine, time_and_peak
 
 __all__ = ["main", "build_parser", "run_benchmark"]
 
@@ -59,34 +58,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 # ----------------------------------------------------------------------------- worker side
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _available_bytes(device: str) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 def reference_bytes_estimate(batch: int, positions: list[int], dtype_bytes: int) -> int:
     """Rough upper estimate of the materialised reference's peak: every level keeps its
@@ -229,7 +200,7 @@ def run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
     if variant == "reference":
         estimate = reference_bytes_estimate(cfg["batch"], [h * w for h, w in shapes.values()],
                                             torch.finfo(dtype).bits // 8)
-        available = _available_bytes(device)
+        available = available_bytes(device)
         result["estimated_peak_gib"] = estimate / 2**30
         if estimate > 0.9 * available:
             result["skipped"] = (f"would not fit: estimated {estimate / 2**30:.1f} GiB, "
@@ -237,29 +208,14 @@ def run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
             return result
     steps, zero_grads = _step_functions(cfg, method, teacher, student, dtype)
     step = steps[variant]
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
     try:
-        times = []
-        for i in range(cfg["warmup"] + cfg["repeats"]):
-            zero_grads()
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if i >= cfg["warmup"]:
-                times.append((time.perf_counter() - start) * 1e3)
+        times, peak = time_and_peak(step, device, cfg["warmup"], cfg["repeats"], before_each=zero_grads)
     except (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), RuntimeError) as err:
         if "memory" not in str(err).lower():
             raise
         result["skipped"] = f"out of memory: {str(err).splitlines()[0]}"
         return result
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()) - base
-    result.update(median_ms=statistics.median(times), min_ms=min(times), peak_mib=max(peak, 0) / 2**20)
+    result.update(median_ms=statistics.median(times), min_ms=min(times), peak_mib=peak / 2**20)
     zero_grads()
     result["attention_ops"] = _attention_ops(step)
     if variant == "reference":
@@ -311,24 +267,12 @@ def _spawn(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def run_benchmark(cfg: dict[str, Any]) -> dict[str, Any]:
     from acamkd.bench.levels import fpn_level_shapes
 
     shapes = fpn_level_shapes(cfg["detector"], *cfg["image"])
     results = {v: _spawn(v, cfg) for v in cfg["variants"]}
-    report: dict[str, Any] = {"config": cfg, "machine": _machine(),
+    report: dict[str, Any] = {"config": cfg, "machine": machine(),
                               "levels": {n: {"h": h, "w": w, "positions": h * w} for n, (h, w) in shapes.items()},
                               "results": results}
     ok = {v: r for v, r in results.items() if "median_ms" in r}

@@ -18,7 +18,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 __all__ = ["main", "build_parser"]
@@ -46,7 +45,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from acamkd.bench.acam import _peak_rss_bytes, _rss_bytes, _sync
+    from acamkd.bench.measure import time_and_peak
     from acamkd.methods import build as build_method
     from acamkd.models import build_detector, detector_channels, student_taps, teacher_features
 
@@ -83,29 +82,14 @@ def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
     step = {"student": lambda: student_step(False), "teacher": teacher_step,
             "distill": lambda: student_step(True)}[variant]
-    for _ in range(cfg["warmup"]):
-        step()
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    times = []
-    for _ in range(cfg["repeats"]):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()) - base
-    median = statistics.median(times)
+    times, peak = time_and_peak(step, device, cfg["warmup"], cfg["repeats"])
+    median = statistics.median(times) / 1e3
     return {"variant": variant, "median_ms": median * 1e3, "images_per_s": cfg["batch"] / median,
-            "peak_mib": max(peak, 0) / 2**20}
+            "peak_mib": peak / 2**20}
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    from acamkd.bench.acam import _machine
+    from acamkd.bench.measure import machine
     from acamkd.bench.levels import parse_image_size
 
     args = args or build_parser().parse_args(argv)
@@ -125,7 +109,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                               input=json.dumps(cfg), capture_output=True, text=True)
         results[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
                             {"variant": variant, "skipped": (proc.stderr or proc.stdout).strip()[-500:]})
-    report: dict[str, Any] = {"config": cfg, "machine": _machine(), "results": results}
+    report: dict[str, Any] = {"config": cfg, "machine": machine(), "results": results}
     if all("median_ms" in r for r in results.values()):
         parts = results["student"]["median_ms"] + results["teacher"]["median_ms"]
         report["distill_over_student_plus_teacher"] = results["distill"]["median_ms"] / parts
