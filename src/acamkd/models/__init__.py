@@ -4,7 +4,8 @@ Detection: :func:`build_detector` (torchvision RetinaNet / Faster R-CNN / FCOS, 
 ResNet), its default taps (:func:`detector_taps`, :func:`student_taps`) and the cheap teacher
 pass (:func:`teacher_features`). Generic: :class:`FeatureTaps` records named submodule outputs
 of any ``nn.Module``. Weights: local files only, strict loading, teacher -> student inheritance.
-(Segmentation builders go beside ``detection.py``.)
+Segmentation: ``acamkd.models.segmentation`` (DeepLabV3 / PSPNet at output stride 8; imported on
+demand, so detection users do not load segmentation-models-pytorch).
 """
 from acamkd.models.detection import (
     DETECTOR_ARCHS,

@@ -1,0 +1,150 @@
+"""Segmenter builders: shapes at full resolution and at the stride-8 tap, output stride 8, the full
+ResNet-18 in PSPNet-R18, local pretrained / checkpoint weights, backward with ignore 255."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from acamkd.models import FeatureTaps, WeightsMismatchError
+from acamkd.models.segmentation import (
+    SEGMENTER_ARCHS,
+    Segmenter,
+    build_segmenter,
+    segmenter_taps,
+)
+
+K = 19
+SMALL = [("deeplabv3", "resnet18"), ("deeplabv3", "mobilenet_v2"), ("pspnet", "resnet18")]
+
+
+def stride8(n: int) -> int:
+    return math.ceil(n / 8)
+
+
+@pytest.mark.parametrize("arch,backbone", SMALL)
+@pytest.mark.parametrize("size", [(64, 64), (65, 97)])
+def test_full_resolution_logits_and_stride8_tap(arch, backbone, size):
+    model = build_segmenter(arch, backbone, num_classes=K).eval()
+    assert isinstance(model, Segmenter)
+    x = torch.randn(2, 3, *size)
+    with FeatureTaps(model, segmenter_taps(model, encoder=True, decoder=True)) as taps, torch.no_grad():
+        out = model(x)
+        feats = taps.features()
+    h, w = stride8(size[0]), stride8(size[1])  # 65x97 -> 9x13: ceil(n / 8)
+    assert out.shape == (2, K, *size)
+    assert feats["logits"].shape == (2, K, h, w)
+    assert feats["decoder"].shape[-2:] == (h, w)
+    assert feats["encoder"].shape[-2:] == (h, w)  # deepest encoder stage is at output stride 8
+    # forward == bilinear upsampling of the tapped logits
+    up = F.interpolate(feats["logits"], size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, up)
+
+
+def test_default_taps_are_the_logits():
+    model = build_segmenter("deeplabv3", "mobilenet_v2")
+    assert segmenter_taps(model) == {"logits": "classifier"}
+    assert segmenter_taps(model, encoder=True)["encoder"] == "encoder.features.18"
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_encoder_output_stride_8(backbone):
+    model = build_segmenter("deeplabv3", backbone).eval()
+    with torch.no_grad():
+        feats = model.encoder(torch.randn(2, 3, 64, 96))
+    assert feats[-1].shape[-2:] == (8, 12)
+    assert feats[-2].shape[-2:] == (8, 12)
+
+
+def test_pspnet_uses_full_dilated_resnet18():
+    model = build_segmenter("pspnet", "resnet18")
+    enc = model.encoder
+    assert hasattr(enc, "layer4") and enc.out_channels[-1] == 512
+    assert enc.layer4[0].conv1.stride == (1, 1) and enc.layer4[0].conv1.dilation == (4, 4)
+    assert enc.layer3[0].conv1.dilation == (2, 2)
+    with torch.no_grad():
+        deepest = enc.eval()(torch.randn(2, 3, 64, 64))[-1]
+    assert deepest.shape == (2, 512, 8, 8)
+    assert [b[0].output_size for b in model.decoder.branches] == [1, 2, 3, 6]
+    assert model.decoder.bottleneck[0].in_channels == 1024 and model.decoder.out_channels == 512
+
+
+def test_resnet101_teacher_builds():  # built once; one tiny forward
+    model = build_segmenter("deeplabv3", "resnet101").eval()
+    assert model.encoder.out_channels[-1] == 2048
+    with FeatureTaps(model, segmenter_taps(model)) as taps, torch.no_grad():
+        out = model(torch.randn(1, 3, 33, 40))
+        logits = taps.features()["logits"]
+    assert out.shape == (1, K, 33, 40) and logits.shape == (1, K, 5, 5)
+
+
+@pytest.mark.parametrize("arch,backbone", SMALL)
+def test_backward_with_ignore_index(arch, backbone):
+    model = build_segmenter(arch, backbone, num_classes=K).train()
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, K, (2, 64, 64))
+    target[:, :10] = 255
+    loss = F.cross_entropy(model(x), target, ignore_index=255)
+    loss.backward()
+    assert torch.isfinite(loss)
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3", "pspnet"])
+def test_pretrained_from_local_torchvision_file(tmp_path, arch):
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_segmenter(arch, "resnet18", pretrained=path)
+    torch.testing.assert_close(model.encoder.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
+    torch.testing.assert_close(model.encoder.bn1.running_var, tv.bn1.running_var)
+
+
+def test_pretrained_mobilenet_v2_torchvision_keys(tmp_path):
+    tv = torchvision.models.mobilenet_v2(weights=None)
+    path = tmp_path / "mbv2.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_segmenter("deeplabv3", "mobilenet_v2", pretrained=path)
+    torch.testing.assert_close(model.encoder.features[5].conv[0][0].weight, tv.features[5].conv[0][0].weight)
+
+
+def test_wrong_pretrained_file_names_it(tmp_path):
+    path = tmp_path / "mobilenet_for_resnet.pth"
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match="mobilenet_for_resnet.pth") as err:
+        build_segmenter("pspnet", "resnet18", pretrained=path)
+    assert "missing in file" in str(err.value) and "'conv1.weight'" in str(err.value)
+    assert "unexpected in file" in str(err.value) and "features.0.0.weight" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_segmenter("deeplabv3", "resnet18", pretrained=tmp_path / "nowhere.pth")
+
+
+def test_checkpoint_round_trip_and_class_mismatch(tmp_path):
+    model = build_segmenter("pspnet", "resnet18", num_classes=K)
+    with torch.no_grad():
+        model.classifier[1].weight.normal_()
+    path = tmp_path / "psp.pt"
+    torch.save({"model": model.state_dict()}, path)
+    again = build_segmenter("pspnet", "resnet18", num_classes=K, checkpoint=path).eval()
+    model.eval()
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(WeightsMismatchError, match="psp.pt") as err:
+        build_segmenter("pspnet", "resnet18", num_classes=7, checkpoint=path)
+    assert "classifier.1.weight" in str(err.value)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown segmentation arch"):
+        build_segmenter("unet", "resnet18")
+    with pytest.raises(ValueError, match="supports backbones"):
+        build_segmenter("pspnet", "resnet101")
+    with pytest.raises(ValueError, match="output_stride"):
+        build_segmenter("deeplabv3", "resnet18", output_stride=32)
+    assert set(SEGMENTER_ARCHS) == {"deeplabv3", "pspnet"}
