@@ -59,8 +59,12 @@ class DetectionTask:
         data = self.cfg.data
         resize = ResizeKeepRatio(data.min_size, data.max_size)
         train = self._dataset(data.train_split, Compose([resize, RandomHorizontalFlip(data.flip_prob)]))
-        val = self._dataset(data.val_split, resize)
-        return train, val
+        return train, self.val_dataset()
+
+    def val_dataset(self) -> CocoDetection:
+        """Validation only (eval and export need no training annotations)."""
+        data = self.cfg.data
+        return self._dataset(data.val_split, ResizeKeepRatio(data.min_size, data.max_size))
 
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:

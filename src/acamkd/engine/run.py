@@ -94,21 +94,17 @@ def distill(cfg: Config, resume: bool = False, eval_teacher: bool | None = None)
     return result
 
 
-def _student_state(path: str) -> dict[str, torch.Tensor]:
-    """The student's weights from an engine checkpoint (key ``student``) or a plain state dict."""
-    from acamkd.models.weights import load_state_dict_file
-
-    return load_state_dict_file(path)
-
-
 def load_student(cfg: Config, checkpoint: str, info: DistInfo | None = None) -> tuple[Any, nn.Module, Any]:
+    """The configured student with the weights of ``checkpoint`` (an engine checkpoint, whose
+    student is under ``student``, or a plain state dict), loaded strictly; and the val set."""
+    from acamkd.models.weights import load_state_dict_file, load_weights_strict
+
     info = info or init_distributed()
     task = build_task(cfg, info)
-    _, val_set = task.datasets()
+    val_set = task.val_dataset()
     model = task.build_model(cfg.student, val_set.num_classes - 1, "student")
-    from acamkd.models.weights import load_weights_strict
-
-    load_weights_strict(model, _student_state(checkpoint), checkpoint, f"{cfg.student.arch}/{cfg.student.backbone}")
+    load_weights_strict(model, load_state_dict_file(checkpoint), checkpoint,
+                        f"{cfg.student.arch}/{cfg.student.backbone}")
     return task, model.to(info.device), val_set
 
 
@@ -131,10 +127,9 @@ def export_student(cfg: Config, checkpoint: str, out: str) -> list[str]:
     """Student weights only (the method's modules are training-only) as safetensors."""
     from safetensors.torch import save_file
 
-    weights = _student_state(checkpoint)
     _, model, _ = load_student(cfg, checkpoint)  # proves the weights fit the configured student
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(state, out, metadata={"arch": cfg.student.arch, "backbone": cfg.student.backbone,
                                     "source": os.path.basename(checkpoint)})
-    return sorted(weights)
+    return sorted(state)
