@@ -29,6 +29,8 @@ class DetectionTask:
 
     name = "detection"
     collate = staticmethod(detection_collate)
+    drop_last = False  # torchvision detectors train on any batch size
+    inherit_prefixes = ("backbone.fpn", "head", "rpn", "roi_heads")  # the paper's neck + head inheritance
 
     def __init__(self, cfg: Config, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
@@ -66,6 +68,11 @@ class DetectionTask:
         data = self.cfg.data
         return self._dataset(data.val_split, ResizeKeepRatio(data.min_size, data.max_size))
 
+    @staticmethod
+    def model_classes(dataset: CocoDetection) -> int:
+        """Foreground classes (``dataset.num_classes`` counts the background label 0 too)."""
+        return dataset.num_classes - 1
+
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
         """``num_classes`` foreground classes (the dataset's unless the config says otherwise)."""
@@ -84,6 +91,10 @@ class DetectionTask:
         heads = model.roi_heads if hasattr(model, "roi_heads") else model
         heads.score_thresh = ev.score_thresh
         heads.detections_per_img = ev.max_detections
+
+    @staticmethod
+    def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+        """FPN levels pair up whatever the class counts: nothing to check."""
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Hook the taps once: the student's record during its own training forward."""

@@ -22,11 +22,16 @@ logger = logging.getLogger("acamkd")
 
 
 def build_task(cfg: Config, info: DistInfo):
+    """The adapter that knows ``student.task``'s data, models, losses and metrics."""
     if cfg.student.task == "detection":
         from acamkd.engine.detection import DetectionTask
 
         return DetectionTask(cfg, info)
-    raise NotImplementedError(f"student.task={cfg.student.task!r}: only detection is wired to the engine so far")
+    if cfg.student.task == "segmentation":
+        from acamkd.engine.segmentation import SegmentationTask
+
+        return SegmentationTask(cfg, info)
+    raise ValueError(f"student.task={cfg.student.task!r}: choose detection or segmentation")
 
 
 def sha256_of(path: str) -> str:
@@ -52,7 +57,7 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's result
     task = build_task(cfg, info)
     train_set, val_set = task.datasets()
-    num_classes = train_set.num_classes - 1
+    num_classes = task.model_classes(train_set)
     student = task.build_model(cfg.student, num_classes, "student")
     teacher = method = None
     if mode == "distill":
@@ -60,8 +65,9 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
         teacher = task.build_model(teacher_cfg, num_classes, "teacher")  # strict load inside
         if info.is_main:
             logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
+        task.check_pair(student, teacher)
         if cfg.train.inherit_teacher:
-            report = inherit_weights(student, teacher)
+            report = inherit_weights(student, teacher, task.inherit_prefixes)
             logger.info("inherited %d teacher tensors (%s); skipped %d", len(report.copied),
                         ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
         if cfg.method.name is None:
@@ -102,7 +108,7 @@ def load_student(cfg: Config, checkpoint: str, info: DistInfo | None = None) -> 
     info = info or init_distributed()
     task = build_task(cfg, info)
     val_set = task.val_dataset()
-    model = task.build_model(cfg.student, val_set.num_classes - 1, "student")
+    model = task.build_model(cfg.student, task.model_classes(val_set), "student")
     load_weights_strict(model, load_state_dict_file(checkpoint), checkpoint,
                         f"{cfg.student.arch}/{cfg.student.backbone}")
     return task, model.to(info.device), val_set

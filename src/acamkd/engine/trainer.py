@@ -72,7 +72,12 @@ class Trainer:
         self.output_dir = t.output_dir
         self.sampler = ResumableSampler(len(train_set), shuffle=True, seed=t.seed, rank=info.rank,
                                         world_size=info.world_size)
-        self.batches_per_epoch = math.ceil(self.sampler.per_rank / cfg.data.batch_size)
+        self.drop_last = bool(getattr(task, "drop_last", False))  # segmentation: no 1-image batch for BN
+        per_rank, batch = self.sampler.per_rank, cfg.data.batch_size
+        if self.drop_last and per_rank < batch:
+            raise ValueError(f"data.batch_size={batch} exceeds the {per_rank} training images per process and "
+                             f"{task.name} drops short batches: lower data.batch_size")
+        self.batches_per_epoch = per_rank // batch if self.drop_last else math.ceil(per_rank / batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.accumulate)
         self.total_steps = t.iterations if t.iterations else t.epochs * self.steps_per_epoch
         unit = 1 if t.iterations else self.steps_per_epoch  # config counts in iterations or epochs
@@ -96,7 +101,7 @@ class Trainer:
         d = self.cfg.data
         return DataLoader(self.train_set, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.workers,
                           collate_fn=self.task.collate, generator=torch.Generator(),  # leaves the global RNG alone
-                          pin_memory=self.info.device.type == "cuda")
+                          pin_memory=self.info.device.type == "cuda", drop_last=self.drop_last)
 
     def val_loader(self) -> DataLoader:
         d = self.cfg.data

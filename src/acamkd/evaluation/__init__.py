@@ -2,9 +2,12 @@
 
 ``coco_map(gt_json, results)`` scores a COCO results list; ``evaluate_detections`` does the
 same from torchvision detector outputs. ``SegMetric`` accumulates a confusion matrix over
-batches (and processes) and reports mIoU / pixel accuracy.
+batches (and processes) and reports mIoU / pixel accuracy; ``sliding_window_logits`` predicts
+large images window by window.
 """
 from acamkd.evaluation.coco import STAT_KEYS, coco_map, evaluate_detections, predictions_to_coco_results
 from acamkd.evaluation.segmentation import SegMetric
+from acamkd.evaluation.sliding_window import sliding_window_logits, window_starts
 
-__all__ = ["STAT_KEYS", "coco_map", "evaluate_detections", "predictions_to_coco_results", "SegMetric"]
+__all__ = ["STAT_KEYS", "coco_map", "evaluate_detections", "predictions_to_coco_results", "SegMetric",
+           "sliding_window_logits", "window_starts"]

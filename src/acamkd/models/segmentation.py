@@ -87,10 +87,13 @@ class Segmenter(nn.Module):
         self.classifier = classifier
         self.arch, self.backbone, self.num_classes, self.output_stride = arch, backbone, num_classes, output_stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
+        """The stride-8 class logits (B, K, ceil(H/8), ceil(W/8)): all a teacher's tap needs."""
         features = self.encoder(x)                # list of stage features, deepest last
-        logits = self.classifier(self.decoder(features))  # (B, K, ceil(H/8), ceil(W/8))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.decoder(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, backbone={self.backbone}, num_classes={self.num_classes}, " \

@@ -1,0 +1,229 @@
+"""Semantic segmentation for the engine: datasets, model builds, forward passes and mIoU.
+
+The counterpart of :mod:`acamkd.engine.detection` with the same methods. What is particular:
+
+* data: Cityscapes layout (the real one, or the built-in ``shapes`` rendered into it); training
+  images are randomly rescaled (``data.scale_range``), cropped to ``data.crop`` (padded with the
+  ignore label when smaller), flipped and normalised with ImageNet statistics (segmenters, unlike
+  torchvision detectors, do not normalise inside); validation images are only normalised;
+* the task loss is pixel-wise cross-entropy on the upsampled logits, ignore label 255;
+* the taps are the stride-8 logits (``"logits"``: the ``classifier`` module, M = K masks); the
+  teacher runs :meth:`Segmenter.logits` only (no final upsampling);
+* evaluation is mIoU from :class:`acamkd.evaluation.SegMetric`, on whole images or in sliding
+  windows (``eval.sliding_window``), each image counted once across processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acamkd.config import Config, ModelConfig
+from acamkd.data import (
+    CityscapesSegmentation,
+    Compose,
+    Normalize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomScale,
+    segmentation_collate,
+)
+from acamkd.data.cityscapes import IGNORE_INDEX
+from acamkd.engine.distributed import DistInfo, barrier
+from acamkd.evaluation import SegMetric, sliding_window_logits
+from acamkd.models import FeatureTaps
+
+__all__ = ["SegmentationTask", "segmentation_loss"]
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy over the labelled pixels of ``logits (B, K, H, W)`` vs ``labels (B, H, W)``.
+
+    A batch with no labelled pixel (a crop of pure padding) gives 0 with a gradient path, not the
+    NaN of ``F.cross_entropy``'s mean over nothing, so the NaN guard only fires on real divergence.
+    """
+    if logits.shape[0] != labels.shape[0] or logits.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"segmentation_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         f"do not match (expected (B, K, H, W) and (B, H, W))")
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    valid = (labels != ignore_index).sum().clamp_min(1)
+    return total / valid
+
+
+class SegmentationTask:
+    """Adapter between the engine and :func:`acamkd.models.segmentation.build_segmenter` models."""
+
+    name = "segmentation"
+    collate = staticmethod(segmentation_collate)
+    # BatchNorm on the 1x1 pooled maps (ASPP image pooling, PSP bin 1) cannot train on one image:
+    # drop an epoch's last, short batch.
+    drop_last = True
+    # Only the decoder and classifier can match between a teacher and a student of another encoder.
+    inherit_prefixes = ("decoder", "classifier")
+
+    def __init__(self, cfg: Config, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self._student_taps: FeatureTaps | None = None
+        self._teacher_taps: FeatureTaps | None = None
+        self._teacher_logits_only = False
+
+    # ------------------------------------------------------------------ data
+    def _root_and_classes(self) -> tuple[str, int, list[str] | None]:
+        data = self.cfg.data
+        if data.dataset != "shapes":
+            return data.root, 19, None
+        from acamkd.data.synthetic import make_shapes
+
+        meta_file = os.path.join(data.root, "shapes_meta.json")
+        if self.info.is_main:  # generate once (cached by its parameters), others wait
+            s = data.shapes
+            make_shapes(data.root, train=s.train, val=s.val, size=tuple(s.size), seed=s.seed,
+                        difficulty=s.difficulty)
+        barrier(self.info)
+        with open(meta_file) as f:
+            meta = json.load(f)
+        names = ["background"] + [c["name"] for c in sorted(meta["classes"], key=lambda c: c["train_id"])]
+        return os.path.join(data.root, "cityscapes"), len(names), names
+
+    def _dataset(self, split: str, transforms) -> CityscapesSegmentation:
+        root, num_classes, names = self._root_and_classes()
+        return CityscapesSegmentation(root, split, transforms=transforms, on_bad_image=self.cfg.data.on_bad_image,
+                                      num_classes=num_classes, class_names=names)
+
+    def datasets(self) -> tuple[CityscapesSegmentation, CityscapesSegmentation]:
+        data = self.cfg.data
+        steps = []
+        if data.crop is not None:  # without a crop, images keep their size (they must share one to batch)
+            steps += [RandomScale(*data.scale_range), RandomCrop(*data.crop, ignore_index=IGNORE_INDEX)]
+        steps += [RandomHorizontalFlip(data.flip_prob), Normalize()]
+        return self._dataset(data.train_split, Compose(steps)), self.val_dataset()
+
+    def val_dataset(self) -> CityscapesSegmentation:
+        return self._dataset(self.cfg.data.val_split, Normalize())
+
+    @staticmethod
+    def model_classes(dataset: CityscapesSegmentation) -> int:
+        """Output channels the dataset needs: every train id is a class (background included)."""
+        return dataset.num_classes
+
+    # ------------------------------------------------------------------ models
+    def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+        from acamkd.models.segmentation import build_segmenter
+
+        where = f"{role} ({model_cfg.arch} {model_cfg.backbone})"
+        if model_cfg.norm == "frozen_bn":
+            raise ValueError(f"{role}.norm=frozen_bn: segmenters train their BatchNorm; use auto, bn or syncbn")
+        if model_cfg.trainable_layers is not None:
+            raise ValueError(f"{role}.trainable_layers: detection only (segmenters train every stage); "
+                             f"set it to null")
+        classes = model_cfg.num_classes or num_classes
+        if classes != num_classes:
+            raise ValueError(f"{role}.num_classes={classes} but the dataset has {num_classes} classes "
+                             f"(train ids 0..{num_classes - 1}): the {where} logits would not match the labels")
+        model = build_segmenter(model_cfg.arch, model_cfg.backbone, classes, pretrained=model_cfg.pretrained,
+                                checkpoint=model_cfg.checkpoint)
+        # Under DDP each GPU holds 2 of the 16 crops: BatchNorm statistics need the whole batch
+        # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics.
+        if model_cfg.norm in ("auto", "syncbn") and self.info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    @staticmethod
+    def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+        """Teacher and student logits are distilled class by class: the class counts must agree."""
+        s, t = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
+        if s is not None and t is not None and s != t:
+            raise ValueError(f"class-count mismatch: teacher logits have {t} classes, student logits {s}; "
+                             f"distilling logits needs the same classes in the same order")
+
+    def _default_taps(self, model: nn.Module) -> dict[str, str]:
+        from acamkd.models.segmentation import Segmenter, segmenter_taps
+
+        if not isinstance(model, Segmenter):
+            raise TypeError(f"{type(model).__name__} is not a Segmenter: set student.taps / teacher.taps "
+                            f"to the module names to distil")
+        return segmenter_taps(model)
+
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Hook the taps once: the student's record during its own training forward."""
+        custom = self.cfg.student.taps
+        self._student_taps = FeatureTaps(student, custom if custom else self._default_taps(student))
+        if teacher is not None:
+            t_custom = self.cfg.teacher.taps if self.cfg.teacher is not None else None
+            self._teacher_taps = FeatureTaps(teacher, t_custom if t_custom else self._default_taps(teacher))
+            self._teacher_logits_only = not t_custom and hasattr(teacher, "logits")
+
+    def tap_channels(self, model: nn.Module, taps: list[str] | None, sample: list[Tensor]) -> dict[str, int]:
+        """Channels per tap: the class count for the default logits tap, else from one forward."""
+        if not taps:
+            return {alias: model.num_classes for alias in self._default_taps(model)}
+        with FeatureTaps(model, taps) as recorder, torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(torch.stack(sample))
+            model.train(was_training)
+            return {name: feat.shape[1] for name, feat in recorder.features().items()}
+
+    # ------------------------------------------------------------------ forward passes
+    def student_forward(self, student: nn.Module, images: Tensor, labels: Tensor):
+        logits = student(images)  # (B, K, H, W), upsampled from stride 8
+        return {"ce": segmentation_loss(logits, labels)}, self._student_taps.features()
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:
+        self._teacher_taps.clear()
+        if self._teacher_logits_only:
+            teacher.logits(images)  # encoder + decoder + classifier: no final upsampling
+        else:
+            teacher(images)
+        return self._teacher_taps.features()
+
+    @staticmethod
+    def to_device(batch, device: torch.device):
+        images, labels = batch
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    @staticmethod
+    def batch_size(batch) -> int:
+        return batch[0].shape[0]
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, model: nn.Module, images: Tensor) -> Tensor:
+        """Full-resolution logits (B, K, H, W): whole image, or sliding windows (``eval.*``)."""
+        ev = self.cfg.eval
+        if ev.sliding_window:
+            return sliding_window_logits(model, images, ev.window, ev.stride, model.num_classes)
+        return model(images)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, dataset: CityscapesSegmentation) -> dict[str, float]:
+        """mIoU, aAcc, mAcc (0..1) and ``IoU.<class>`` over the val set, every image counted once."""
+        was_training = model.training
+        model.eval()
+        metric = SegMetric(dataset.num_classes, ignore_index=IGNORE_INDEX, device=self.info.device)
+        real = _real_items(loader)  # this rank's items that are not the sampler's wrap-around padding
+        seen = 0
+        for batch in loader:
+            images, labels = self.to_device(batch, self.info.device)
+            keep = max(0, min(images.shape[0], real - seen))
+            seen += images.shape[0]
+            if keep:
+                metric.update(self.predict(model, images[:keep]), labels[:keep])
+        model.train(was_training)
+        result = metric.all_reduce().compute()  # collective: every rank takes part
+        metrics = {k: float(result[k]) for k in ("mIoU", "aAcc", "mAcc")}
+        for name, iou in zip(dataset.class_names, result["IoU"]):
+            if iou == iou:  # NaN: class absent from both prediction and labels
+                metrics[f"IoU.{name}"] = float(iou)
+        return metrics
+
+
+def _real_items(loader) -> int:
+    """How many of the loader's items on this rank are real (ResumableSampler pads by wrapping)."""
+    sampler = getattr(loader, "sampler", None)
+    if not all(hasattr(sampler, a) for a in ("length", "rank", "world_size", "per_rank")):
+        return len(loader.dataset)
+    return max(0, -(-(sampler.length - sampler.rank) // sampler.world_size))  # ranks r, r+W, ... < length
