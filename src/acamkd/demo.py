@@ -1,37 +1,39 @@
 """``acamkd demo``: the whole story offline on the built-in ``shapes`` dataset.
 
-Trains a large teacher (RetinaNet R50) and a small student baseline (RetinaNet R18), distils
-the same student with ACAM-KD from that teacher, and prints one table of real evaluation
-numbers (teacher, student, student + ACAM-KD: AP, AP50, APs, APm, APl, train seconds per step).
-The configs are ``configs/demo/shapes_det_*.yaml`` (200/50 images of 256x320, 12 SGD epochs:
-sized for a GPU, run them with ``acamkd train``/``distill``); a profile scales them for a CPU:
+Trains a large teacher and a small student baseline, distils the same student with ACAM-KD from
+that teacher, and prints one table of real evaluation numbers (teacher, student, student +
+ACAM-KD, with train seconds per step):
 
-* ``full`` (default): at most an hour on 2 CPU cores: easy difficulty, 400/100 images of
-  128x160, AdamW, 500 steps of batch 4 for the student and the distilled student, 1000 for the
-  teacher (it must end clearly above the student for distillation to mean anything);
-* ``--quick``: the same data recipe with 120/30 images and 130 steps per run: under 10 minutes
-  on 2 CPU cores (numbers are real, but these are very short runs);
+* ``--task det`` (default): RetinaNet R50 teacher, RetinaNet R18 student; COCO box AP, AP50,
+  APs, APm, APl. Configs ``configs/demo/shapes_det_*.yaml`` (200/50 images of 256x320, 12 SGD
+  epochs: sized for a GPU, run them with ``acamkd train``/``distill``).
+* ``--task seg``: DeepLabV3-R101 teacher, DeepLabV3-R18 student (the paper's Cityscapes pair),
+  ACAM-KD on the stride-8 logits with one mask per class; mIoU, mAcc, aAcc. Configs
+  ``configs/demo/shapes_seg_*.yaml`` (256x320 crops, 4000 SGD poly iterations: sized for a GPU).
+
+A profile scales the configs for a CPU (easy scenes of 128x160, AdamW: from random init it
+learns in the few hundred steps a CPU affords, where the configs' SGD scores 0 that early):
+
+* ``full`` (default): at most an hour on 2 CPU cores; the teacher trains twice as many steps as
+  the student (it must end clearly above the student for distillation to mean anything; student
+  and student + ACAM-KD always share one schedule);
+* ``--quick``: under 10 minutes on 2 CPU cores (numbers are real, but these are very short runs);
 * ``--smoke``: seconds, for CI (2 steps on 8 tiny images).
 
-The generated data (``<data>/shapes-<profile>``) and each finished run (``<out>/<profile>/<run>``,
-reused when its resolved config is unchanged) are cached between invocations.
+The generated data (``<data>/shapes-<profile>``, shared by both tasks) and each finished run
+(``<out>/<profile>/<run>`` for detection, ``<out>/seg-<profile>/<run>`` for segmentation; reused
+when its resolved config is unchanged) are cached between invocations.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "PROFILES", "TEACHER_EXTRA", "demo_config_dir"]
-
-# Shared by the CPU-sized profiles: small easy images, AdamW (at 5e-4 it learns from random init
-# in ~150 steps where the configs' SGD 0.01 scores 0: measured, RetinaNet R18, 150 steps, AP50 2.7
-# vs 0.0 with SGD after 80 steps), no periodic validation.
-_CPU_DET = ["data.shapes.size=[128,160]", "data.shapes.difficulty=easy", "data.min_size=128", "data.max_size=160",
-            "data.workers=0", "train.epochs=null", "train.optimizer=adamw", "train.lr=5e-4",
-            "train.weight_decay=1e-4", "train.val_every=0"]
+__all__ = ["main", "build_parser", "TASKS", "DemoTask", "demo_config_dir", "format_table"]
 
 
 def _iterations(n: int, warmup: int = 10, step: int | None = None) -> list[str]:
@@ -39,24 +41,58 @@ def _iterations(n: int, warmup: int = 10, step: int | None = None) -> list[str]:
     return [f"train.iterations={n}", f"train.steps=[{step or int(0.8 * n)}]", f"train.warmup_iters={warmup}"]
 
 
-# Per profile: overrides for all three runs, then extra ones for the teacher run only.
-PROFILES: dict[str, list[str]] = {
-    # At most an hour on 2 CPU cores (the issue's "full demo" without a GPU): 400/100 images,
-    # 500 steps for the student and the distilled student, 1000 for the teacher (below).
-    "full": [*_CPU_DET, "data.shapes.train=400", "data.shapes.val=100", *_iterations(500, 25),
-             "train.log_every=20", "train.checkpoint_every=100"],
-    "quick": [*_CPU_DET, "data.shapes.train=120", "data.shapes.val=30", *_iterations(130, step=105),
-              "train.log_every=10", "train.checkpoint_every=25"],
-    "smoke": ["data.shapes.train=8", "data.shapes.val=4", "data.shapes.size=[96,128]", "data.min_size=96",
-              "data.max_size=128", "data.batch_size=2", "data.workers=0", "train.epochs=null",
-              "train.iterations=2", "train.steps=[1]", "train.warmup_iters=1", "train.log_every=1",
-              "train.val_every=0", "train.checkpoint_every=0"],
+# Shared by the CPU-sized profiles: small easy images, AdamW (at 5e-4 it learns from random init
+# in ~150 steps where the configs' SGD 0.01 scores 0: measured, RetinaNet R18, 150 steps, AP50 2.7
+# vs 0.0 with SGD after 80 steps), no periodic validation.
+_CPU = ["data.shapes.size=[128,160]", "data.shapes.difficulty=easy", "data.workers=0", "train.epochs=null",
+        "train.optimizer=adamw", "train.lr=5e-4", "train.weight_decay=1e-4", "train.val_every=0"]
+_SMOKE = ["data.shapes.train=8", "data.shapes.val=4", "data.shapes.size=[96,128]", "data.batch_size=2",
+          "data.workers=0", "train.epochs=null", "train.iterations=2", "train.steps=[1]", "train.warmup_iters=1",
+          "train.log_every=1", "train.val_every=0", "train.checkpoint_every=0"]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """One task of the demo: its configs, metric columns and CPU profiles."""
+
+    config_prefix: str  # configs/demo/<prefix>_{teacher,student,acam}.yaml
+    out_prefix: str  # runs go to <out>/<out_prefix><profile>/
+    columns: tuple[str, ...]  # metric keys printed x100
+    metric_name: str  # what the columns are, for the table's header
+    profiles: dict[str, list[str]]  # overrides for all three runs
+    teacher_extra: dict[str, list[str]] = field(default_factory=dict)  # extra overrides for the teacher run
+
+
+_DET_CPU = [*_CPU, "data.min_size=128", "data.max_size=160"]
+# Segmentation: 64x80 crops of the randomly rescaled 128x160 images (0.5-2.0): the R101 teacher at
+# output stride 8 is the expensive model; evaluation is on whole 128x160 images.
+_SEG_CPU = [*_CPU, "data.crop=[64,80]", "data.batch_size=4", "eval.batch_size=10", "train.schedule=poly"]
+
+TASKS: dict[str, DemoTask] = {
+    "det": DemoTask(
+        "shapes_det", "", ("AP", "AP50", "APs", "APm", "APl"), "COCO box metrics",
+        profiles={
+            # 400/100 images, 500 steps for the student and the distilled student, 1000 for the teacher.
+            "full": [*_DET_CPU, "data.shapes.train=400", "data.shapes.val=100", *_iterations(500, 25),
+                     "train.log_every=20", "train.checkpoint_every=100"],
+            "quick": [*_DET_CPU, "data.shapes.train=120", "data.shapes.val=30", *_iterations(130, step=105),
+                      "train.log_every=10", "train.checkpoint_every=25"],
+            "smoke": [*_SMOKE, "data.min_size=96", "data.max_size=128"],
+        },
+        teacher_extra={"full": _iterations(1000, 25)},
+    ),
+    "seg": DemoTask(
+        "shapes_seg", "seg-", ("mIoU", "mAcc", "aAcc"), "segmentation metrics",
+        profiles={
+            "full": [*_SEG_CPU, "data.shapes.train=400", "data.shapes.val=100", "train.iterations=600",
+                     "train.warmup_iters=25", "train.log_every=20", "train.checkpoint_every=100"],
+            "quick": [*_SEG_CPU, "data.shapes.train=120", "data.shapes.val=30", "train.iterations=150",
+                      "train.warmup_iters=10", "train.log_every=10", "train.checkpoint_every=50"],
+            "smoke": [*_SMOKE, "data.crop=[48,64]", "train.schedule=poly", "eval.batch_size=2"],
+        },
+        teacher_extra={"full": ["train.iterations=1200"]},
+    ),
 }
-# The teacher is a fixed, given input to distillation, so it may be trained longer than the student
-# (as the paper's teachers are stronger models): twice the student's steps in the full profile, so
-# that it ends clearly above the student. Student and student + ACAM-KD always share one schedule.
-TEACHER_EXTRA: dict[str, list[str]] = {"full": _iterations(1000, 25), "quick": [], "smoke": []}
-COLUMNS = ("AP", "AP50", "APs", "APm", "APl")
 
 
 def demo_config_dir() -> Path:
@@ -70,23 +106,26 @@ def demo_config_dir() -> Path:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="acamkd demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="det",
+                        help="det: RetinaNet R50 -> R18, COCO AP; seg: DeepLabV3 R101 -> R18, mIoU")
     profile = parser.add_mutually_exclusive_group()
     profile.add_argument("--quick", action="store_const", const="quick", dest="profile",
                          help="short runs: under 10 minutes on 2 CPU cores")
     profile.add_argument("--smoke", action="store_const", const="smoke", dest="profile",
                          help="seconds: checks the pipeline, numbers mean nothing")
     parser.set_defaults(profile="full")
-    parser.add_argument("--out", default="runs/demo", help="runs go to OUT/<profile>/{teacher,student,acam}")
+    parser.add_argument("--out", default="runs/demo",
+                        help="runs go to OUT/<profile>/ (det) or OUT/seg-<profile>/ (seg), one folder per run")
     parser.add_argument("--data", default="data", help="generated data goes to DATA/shapes-<profile>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for all three runs")
     return parser
 
 
-def _config(name: str, overrides: list[str]):
+def _config(task: DemoTask, role: str, overrides: list[str]):
     from acamkd.config import load_config
 
-    return load_config(demo_config_dir() / f"shapes_det_{name}.yaml", overrides)
+    return load_config(demo_config_dir() / f"{task.config_prefix}_{role}.yaml", overrides)
 
 
 def _cached(cfg) -> dict[str, Any] | None:
@@ -118,10 +157,11 @@ def _run(kind: str, cfg) -> dict[str, Any]:
     return {**cached, **timing}
 
 
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | " + " | ".join(COLUMNS) + " | train s/step |", "|---" * (len(COLUMNS) + 2) + "|"]
+def format_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = TASKS["det"].columns) -> str:
+    """A markdown table: one row per run, ``columns`` x100 (``-`` where COCO reports -1), s/step."""
+    lines = ["| model | " + " | ".join(columns) + " | train s/step |", "|---" * (len(columns) + 2) + "|"]
     for name, r in rows.items():
-        cells = [f"{100 * r[c]:.1f}" if r.get(c, -1) >= 0 else "-" for c in COLUMNS]
+        cells = [f"{100 * r[c]:.1f}" if r.get(c, -1) >= 0 else "-" for c in columns]
         step = f"{r['sec_per_step']:.2f}" if "sec_per_step" in r else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {step} |")
     return "\n".join(lines)
@@ -132,19 +172,21 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
     args = args or build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out) / args.profile
-    common = [*PROFILES[args.profile], f"data.root={Path(args.data) / f'shapes-{args.profile}'}",
+    task = TASKS[args.task]
+    out = Path(args.out) / f"{task.out_prefix}{args.profile}"
+    common = [*task.profiles[args.profile], f"data.root={Path(args.data) / f'shapes-{args.profile}'}",
               f"train.seed={args.seed}", *args.overrides]
-    teacher_cfg = _config("teacher", [*common, *TEACHER_EXTRA[args.profile], f"train.output_dir={out / 'teacher'}"])
-    student_cfg = _config("student", [*common, f"train.output_dir={out / 'student'}"])
+    teacher_cfg = _config(task, "teacher", [*common, *task.teacher_extra.get(args.profile, []),
+                                            f"train.output_dir={out / 'teacher'}"])
+    student_cfg = _config(task, "student", [*common, f"train.output_dir={out / 'student'}"])
     rows = {f"teacher ({teacher_cfg.student.arch} {teacher_cfg.student.backbone})": _run("train", teacher_cfg),
             f"student ({student_cfg.student.arch} {student_cfg.student.backbone})": _run("train", student_cfg)}
-    acam_cfg = _config("acam", [*common, f"train.output_dir={out / 'acam'}",
-                                f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"])
+    acam_cfg = _config(task, "acam", [*common, f"train.output_dir={out / 'acam'}",
+                                      f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"])
     rows["student + ACAM-KD"] = _run("distill", acam_cfg)
-    table = format_table(rows)
-    header = (f"acamkd demo ({args.profile}, seed {args.seed}): COCO box metrics (x100) on the shapes val split, "
-              f"{teacher_cfg.data.shapes.val} images")
+    table = format_table(rows, task.columns)
+    header = (f"acamkd demo --task {args.task} ({args.profile}, seed {args.seed}): {task.metric_name} (x100) on "
+              f"the shapes val split, {teacher_cfg.data.shapes.val} images")
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{header}\n\n{table}\n\n(written to {out / 'results.md'})")

@@ -2,10 +2,10 @@
 
 The counterpart of :mod:`acamkd.engine.detection` with the same methods. What is particular:
 
-* data: Cityscapes layout (the real one, or the built-in ``shapes`` rendered into it); training
-  images are randomly rescaled (``data.scale_range``), cropped to ``data.crop`` (padded with the
-  ignore label when smaller), flipped and normalised with ImageNet statistics (segmenters, unlike
-  torchvision detectors, do not normalise inside); validation images are only normalised;
+* data: Cityscapes layout (the real one, or the built-in ``shapes`` rendered into it); images are
+  normalised with ImageNet statistics (segmenters, unlike torchvision detectors, do not normalise
+  inside); training images are then randomly rescaled (``data.scale_range``), cropped to
+  ``data.crop`` (padded with 0, the mean colour, and the ignore label when smaller) and flipped;
 * the task loss is pixel-wise cross-entropy on the upsampled logits, ignore label 255;
 * the taps are the stride-8 logits (``"logits"``: the ``classifier`` module, M = K masks); the
   teacher runs :meth:`Segmenter.logits` only (no final upsampling);
@@ -95,10 +95,12 @@ class SegmentationTask:
 
     def datasets(self) -> tuple[CityscapesSegmentation, CityscapesSegmentation]:
         data = self.cfg.data
-        steps = []
+        # Normalise first, so crop padding (0) is the mean colour, as in mmseg (Normalize, then Pad 0);
+        # resizing is linear, so its order with the normalisation changes nothing else.
+        steps = [Normalize()]
         if data.crop is not None:  # without a crop, images keep their size (they must share one to batch)
             steps += [RandomScale(*data.scale_range), RandomCrop(*data.crop, ignore_index=IGNORE_INDEX)]
-        steps += [RandomHorizontalFlip(data.flip_prob), Normalize()]
+        steps.append(RandomHorizontalFlip(data.flip_prob))
         return self._dataset(data.train_split, Compose(steps)), self.val_dataset()
 
     def val_dataset(self) -> CityscapesSegmentation:
