@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement the ACAM-KD core issue (and the detection issue's training cost) asks
-# for, in one call (about 5-7 minutes on an
-# H100/H200). Writes JSON and logs to $OUT (or ./gpu_out). Usage on the device machine:
+# Every GPU measurement the ACAM-KD core issue (and the detection and segmentation issues'
+# training costs) asks for, in one call (about 6-8 minutes on an H100/H200; the pip install of
+# segmentation-models-pytorch needs its wheel carried, the image has timm). Writes JSON and logs to $OUT (or ./gpu_out). Usage on the device machine:
 #   pip install --no-deps -e . && bash benchmarks/gpu_core.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -21,6 +21,12 @@ $B --detector fasterrcnn > "$OUT/frcnn_bf16.json" 2> "$OUT/frcnn_bf16.err"
 # 4. Detection training cost (issue 4): student step, teacher forward, distillation step,
 #    RetinaNet R101 -> R50, 1333x800, batch 2, bf16; goal distill <= 1.15 x (student + teacher)
 python -m acamkd.cli bench distill --device cuda --image 800x1333 --batch 2 --dtype bf16 --json > "$OUT/distill_bf16.json" 2> "$OUT/distill.err"
+# 5. Segmentation training cost (issue 5): student step, teacher (DeepLabV3-R101) logits, distillation
+#    step with ACAM-KD on the 19-class logits, 512x1024, batch 8, bf16, for the paper's three students
+D="python -m acamkd.cli bench distill --task seg --device cuda --image 512x1024 --batch 8 --dtype bf16 --json"
+$D --arch deeplabv3 --student resnet18 > "$OUT/distill_seg_dlv3_r18_bf16.json" 2> "$OUT/distill_seg.err"
+$D --arch deeplabv3 --student mobilenet_v2 > "$OUT/distill_seg_dlv3_mbv2_bf16.json" 2>> "$OUT/distill_seg.err"
+$D --arch pspnet --student resnet18 > "$OUT/distill_seg_psp_r18_bf16.json" 2>> "$OUT/distill_seg.err"
 python - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

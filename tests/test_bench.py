@@ -73,11 +73,14 @@ def test_cli_version(capsys):
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.parametrize("task", ["det", "seg"])
 @pytest.mark.parametrize("variant", ["student", "teacher", "distill"])
-def test_distill_bench_workers_measure(variant):
+def test_distill_bench_workers_measure(variant, task):
     from acamkd.bench.distill import _run_worker
 
-    cfg = {"device": "cpu", "arch": "retinanet", "teacher": "resnet18", "student": "resnet18", "image": [64, 96],
-           "batch": 1, "dtype": "fp32", "method": "acam", "repeats": 1, "warmup": 0}
+    arch = {"det": "retinanet", "seg": "pspnet"}[task]
+    cfg = {"device": "cpu", "task": task, "arch": arch, "teacher_arch": "deeplabv3" if task == "seg" else arch,
+           "teacher": "resnet18", "student": "resnet18", "image": [64, 96], "batch": 2 if task == "seg" else 1,
+           "dtype": "fp32", "method": "acam", "repeats": 1, "warmup": 0}
     result = _run_worker(variant, cfg)
     assert result["median_ms"] > 0 and result["images_per_s"] > 0 and result["peak_mib"] >= 0

@@ -43,3 +43,27 @@ def test_two_cpu_processes_train_with_gloo(tmp_path):
     assert [json.loads(line)["step"] for line in lines if json.loads(line)["kind"] == "train"] == [1, 2, 3]
     # 8 images over 2 ranks at batch 2: 2 batches per rank per epoch, so 3 steps cross an epoch
     assert json.loads(lines[-1])["kind"] == "val"
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_segmentation_and_count_each_val_image_once(tmp_path):
+    overrides = [f"data.root={tmp_path / 'shapes'}", "data.shapes.train=8", "data.shapes.val=3",
+                 "data.shapes.size=[64,80]", "data.crop=[48,64]", "data.batch_size=2", "data.workers=0",
+                 "train.iterations=2", "train.warmup_iters=1", "train.log_every=1", "train.val_every=0",
+                 "train.checkpoint_every=0", "eval.batch_size=2", f"train.output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "acamkd.cli", "train", f"{DEMO}/shapes_seg_student.yaml", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    # 3 val images over 2 ranks: rank 1 gets a padding copy of image 0, which must not be counted,
+    # so the two-process mIoU equals a one-process evaluation of the same weights.
+    single = subprocess.run([sys.executable, "-m", "acamkd.cli", "eval", f"{DEMO}/shapes_seg_student.yaml",
+                             *overrides, "--checkpoint", str(tmp_path / "run" / "last.pt")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads(single.stdout)
+    assert final["step"] == 2
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert final[key] == pytest.approx(alone[key], abs=1e-12), key

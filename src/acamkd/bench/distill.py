@@ -4,12 +4,14 @@ On random images of the given size (models from random init; speed and memory do
 on the weights), times and measures the peak memory of:
 
 * ``student``: one student training step (forward with losses, backward, SGD step),
-* ``teacher``: one teacher forward of what distillation needs (transform + backbone/FPN,
-  no grad, eval mode),
+* ``teacher``: one teacher forward of what distillation needs (detectors: transform +
+  backbone/FPN; segmenters: the stride-8 logits; no grad, eval mode),
 * ``distill``: one distillation step (teacher forward + student step + the method).
 
 It prints images/s and peak memory of each, and the ratio ``distill / (student + teacher)``
 (the detection issue's goal: at most 1.15). Each variant runs in its own process.
+``--task seg`` measures segmenters (19 classes, ACAM-KD on the logits with M = 19; the
+segmentation issue's setting: DeepLabV3 R101 -> R18, 512x1024, batch 8, bf16).
 """
 from __future__ import annotations
 
@@ -28,11 +30,15 @@ VARIANTS = ("student", "teacher", "distill")
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="acamkd bench distill", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--arch", choices=("retinanet", "fasterrcnn", "fcos"), default="retinanet")
-    parser.add_argument("--teacher", default="resnet101", help="teacher backbone")
-    parser.add_argument("--student", default="resnet50", help="student backbone")
-    parser.add_argument("--image", default="800x1333", help="HEIGHTxWIDTH")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--task", choices=("det", "seg"), default="det",
+                        help="det: detectors (defaults: RetinaNet R101 -> R50, 800x1333, batch 2); seg: "
+                             "segmenters, 19 classes (defaults: DeepLabV3 R101 -> R18, 512x1024, batch 8)")
+    parser.add_argument("--arch", default=None,
+                        help="student arch: retinanet|fasterrcnn|fcos (det), deeplabv3|pspnet (seg)")
+    parser.add_argument("--teacher", default="resnet101", help="teacher backbone (seg: a DeepLabV3 teacher)")
+    parser.add_argument("--student", default=None, help="student backbone (det: resnet50, seg: resnet18)")
+    parser.add_argument("--image", default=None, help="HEIGHTxWIDTH")
+    parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--method", default="acam")
     parser.add_argument("--repeats", type=int, default=None)
@@ -42,15 +48,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _detection_parts(cfg: dict[str, Any], device: str):
+    """(student losses fn, teacher features fn, student taps, params) for a detector pair."""
     import torch
 
-    from acamkd.bench.measure import time_and_peak
     from acamkd.methods import build as build_method
     from acamkd.models import build_detector, detector_channels, student_taps, teacher_features
 
-    torch.manual_seed(0)
-    device = cfg["device"]
     h, w = cfg["image"]
     images = [torch.rand(3, h, w, device=device) for _ in range(cfg["batch"])]
     targets = [{"boxes": torch.tensor([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.9 * h]],
@@ -58,9 +62,43 @@ def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
                for _ in range(cfg["batch"])]
     student = build_detector(cfg["arch"], cfg["student"], 81).to(device).train()
     teacher = build_detector(cfg["arch"], cfg["teacher"], 81).to(device).eval().requires_grad_(False)
-    taps = student_taps(student)
     method = build_method(cfg["method"], teacher_channels=detector_channels(teacher),
                           student_channels=detector_channels(student)).to(device)
+    return (lambda: student(images, targets)), (lambda: teacher_features(teacher, images)), \
+        student_taps(student), student, method
+
+
+def _segmentation_parts(cfg: dict[str, Any], device: str):
+    """The same for a segmenter pair: DeepLabV3-R101 teacher (logits only), CE on the student."""
+    import torch
+
+    from acamkd.engine.segmentation import segmentation_loss
+    from acamkd.methods import build as build_method
+    from acamkd.models import FeatureTaps
+    from acamkd.models.segmentation import build_segmenter, segmenter_taps
+
+    h, w = cfg["image"]
+    classes = 19
+    images = torch.randn(cfg["batch"], 3, h, w, device=device)
+    labels = torch.randint(0, classes, (cfg["batch"], h, w), device=device)
+    student = build_segmenter(cfg["arch"], cfg["student"], classes).to(device).train()
+    teacher = build_segmenter(cfg["teacher_arch"], cfg["teacher"], classes).to(device).eval().requires_grad_(False)
+    channels = {"logits": classes}
+    method = build_method(cfg["method"], teacher_channels=channels, student_channels=channels,
+                          num_masks=classes).to(device)
+    return (lambda: {"ce": segmentation_loss(student(images), labels)}), \
+        (lambda: {"logits": teacher.logits(images)}), FeatureTaps(student, segmenter_taps(student)), student, method
+
+
+def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from acamkd.bench.measure import time_and_peak
+
+    torch.manual_seed(0)
+    device = cfg["device"]
+    parts = _segmentation_parts if cfg["task"] == "seg" else _detection_parts
+    student_losses, teacher_feats, taps, student, method = parts(cfg, device)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     use_bf16 = cfg["dtype"] == "bf16"
@@ -68,8 +106,10 @@ def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
     def student_step(distil: bool) -> None:
         with autocast:
-            t_feats = teacher_features(teacher, images) if distil else None
-            losses = student(images, targets)
+            if distil:
+                with torch.no_grad():
+                    t_feats = teacher_feats()
+            losses = dict(student_losses())
             if distil:
                 losses.update(method(t_feats, taps.features()))
         sum(losses.values()).backward()
@@ -77,8 +117,8 @@ def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
 
     def teacher_step() -> None:
-        with autocast:
-            teacher_features(teacher, images)
+        with autocast, torch.no_grad():
+            teacher_feats()
 
     step = {"student": lambda: student_step(False), "teacher": teacher_step,
             "distill": lambda: student_step(True)}[variant]
@@ -99,8 +139,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = {"device": device, "arch": args.arch, "teacher": args.teacher, "student": args.student,
-           "image": list(parse_image_size(args.image)), "batch": args.batch, "dtype": args.dtype,
+    seg = args.task == "seg"
+    arch = args.arch or ("deeplabv3" if seg else "retinanet")
+    allowed = ("deeplabv3", "pspnet") if seg else ("retinanet", "fasterrcnn", "fcos")
+    if arch not in allowed:
+        raise SystemExit(f"acamkd bench distill: --arch {arch!r} is not a {args.task} arch; choose from {allowed}")
+    cfg = {"device": device, "task": args.task, "arch": arch, "teacher_arch": "deeplabv3" if seg else arch,
+           "teacher": args.teacher, "student": args.student or ("resnet18" if seg else "resnet50"),
+           "image": list(parse_image_size(args.image or ("512x1024" if seg else "800x1333"))),
+           "batch": args.batch or (8 if seg else 2), "dtype": args.dtype,
            "method": args.method, "repeats": args.repeats or (20 if device == "cuda" else 3),
            "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)}
     results = {}
@@ -116,7 +163,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"acamkd bench distill: {cfg['arch']} {cfg['teacher']} -> {cfg['student']}, {args.image}, batch "
+    print(f"acamkd bench distill: {cfg['teacher_arch']} {cfg['teacher']} -> {cfg['arch']} {cfg['student']}, "
+          f"{cfg['image'][0]}x{cfg['image'][1]}, batch "
           f"{cfg['batch']}, {cfg['dtype']} on {device} ({report['machine'].get('gpu', report['machine']['platform'])})")
     for variant, r in results.items():
         if "median_ms" in r:

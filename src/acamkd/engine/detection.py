@@ -82,7 +82,7 @@ class DetectionTask:
                                max_size=self.cfg.data.max_size, frozen_bn=_NORM[model_cfg.norm],
                                trainable_backbone_layers=model_cfg.trainable_layers)
         self._set_eval_limits(model)
-        if model_cfg.norm == "syncbn" and self.info.distributed:
+        if model_cfg.norm == "syncbn" and self.info.distributed and self.info.device.type == "cuda":  # GPU-only op
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 

@@ -69,3 +69,16 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics).
+
+    DDP keeps parameters equal, but each process's last training forward updates its own
+    BatchNorm statistics: without this, processes would evaluate slightly different models,
+    none of them exactly the one rank 0 saves.
+    """
+    if not info.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -128,8 +128,9 @@ class SegmentationTask:
         model = build_segmenter(model_cfg.arch, model_cfg.backbone, classes, pretrained=model_cfg.pretrained,
                                 checkpoint=model_cfg.checkpoint)
         # Under DDP each GPU holds 2 of the 16 crops: BatchNorm statistics need the whole batch
-        # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics.
-        if model_cfg.norm in ("auto", "syncbn") and self.info.distributed:
+        # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics. SyncBatchNorm
+        # runs on GPUs only: CPU (gloo) processes keep their own statistics.
+        if model_cfg.norm in ("auto", "syncbn") and self.info.distributed and self.info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 

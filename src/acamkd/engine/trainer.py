@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from acamkd.config import Config, dump_yaml
 from acamkd.engine.checkpoint import LAST_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from acamkd.engine.distributed import DistInfo, all_reduce_mean, barrier, gather_objects
+from acamkd.engine.distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, gather_objects
 from acamkd.engine.run_log import RunLog
 from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
 from acamkd.engine.schedule import build_optimizer, build_scheduler
@@ -250,6 +250,7 @@ class Trainer:
                         self.epoch, values["loss"], values["lr"], values["img_per_s"])
 
     def validate(self, log: RunLog | None = None) -> dict[str, float]:
+        broadcast_buffers(self.distiller.student, self.info)  # evaluate the model rank 0 saves
         metrics = self.task.evaluate(self.distiller.student, self.val_loader(), self.val_set)
         if self.info.is_main:
             logger.info("step %d validation: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
