@@ -170,7 +170,7 @@ def test_distill_eval_export_through_the_cli(teacher, tmp_path):
     assert final["step"] == 2 and 0 <= final["mIoU"] <= 1
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_keys = set(logged[0])
-    assert {"task.ce", "distill.logits.spatial", "distill.logits.channel", "distill.logits.diversity",
+    assert {"task.ce", "task.aux_ce", "distill.logits.spatial", "distill.logits.channel", "distill.logits.diversity",
             "stats.logits.spatial_mask_mean"} <= train_keys, train_keys
 
     student_args = [f"{DEMO}/shapes_seg_student.yaml", *tiny(root, out)[:-1], "student.arch=pspnet"]

@@ -69,7 +69,9 @@ def test_pspnet_uses_full_dilated_resnet18():
         deepest = enc.eval()(torch.randn(2, 3, 64, 64))[-1]
     assert deepest.shape == (2, 512, 8, 8)
     assert [b[0].output_size for b in model.decoder.branches] == [1, 2, 3, 6]
-    assert model.decoder.bottleneck[0].in_channels == 1024 and model.decoder.out_channels == 512
+    # CIRKD's (and mmseg's) PSPNet-R18: 1024 -> 128 bottleneck, the classifier reads 128 channels
+    assert model.decoder.bottleneck[0].in_channels == 1024 and model.decoder.out_channels == 128
+    assert model.classifier[1].in_channels == 128
 
 
 def test_resnet101_teacher_builds():  # built once; one tiny forward
@@ -79,6 +81,34 @@ def test_resnet101_teacher_builds():  # built once; one tiny forward
         out = model(torch.randn(1, 3, 33, 40))
         logits = taps.features()["logits"]
     assert out.shape == (1, K, 33, 40) and logits.shape == (1, K, 5, 5)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_deeplabv3_head_is_cirkds(backbone):
+    """ASPP and head at 512 channels, dropout 0.1 before the 1x1 classifier (CIRKD models/deeplabv3.py)."""
+    model = build_segmenter("deeplabv3", backbone)
+    convs = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {c.out_channels for c in convs} == {512}
+    assert isinstance(model.classifier[0], torch.nn.Dropout2d) and model.classifier[0].p == 0.1
+    assert model.classifier[1].in_channels == 512 and model.classifier[1].out_channels == K
+
+
+def test_auxiliary_head_on_resnets_only_and_only_in_training_outputs():
+    r18 = build_segmenter("pspnet", "resnet18", num_classes=K)
+    assert r18.aux is not None and r18.aux[0].in_channels == 256 and r18.aux[-1].out_channels == K
+    assert build_segmenter("deeplabv3", "mobilenet_v2").aux is None
+    assert build_segmenter("deeplabv3", "resnet18", aux_head=False).aux is None
+    with pytest.raises(ValueError, match="mobilenet_v2 has no ResNet third stage"):
+        build_segmenter("deeplabv3", "mobilenet_v2", aux_head=True)
+    r18.eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        main, aux = r18.forward_train(x)
+        assert torch.equal(main, r18(x))  # forward (inference, export) is the main head alone
+    assert aux.shape == main.shape == (2, K, 40, 56) and not torch.equal(aux, main)
+    # A model without the head has the same main-path keys, so weights move between them minus aux.*
+    plain = build_segmenter("pspnet", "resnet18", num_classes=K, aux_head=False)
+    assert set(plain.state_dict()) == {k for k in r18.state_dict() if not k.startswith("aux.")}
 
 
 @pytest.mark.parametrize("arch,backbone", SMALL)

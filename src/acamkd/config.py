@@ -378,6 +378,7 @@ class ModelConfig:
     taps: list[str] | None = None  # module names whose outputs are distilled; None: every FPN level / the logits
     norm: Literal["auto", "bn", "frozen_bn", "syncbn"] = "auto"  # backbone norm; auto: frozen_bn if pretrained else bn
     trainable_layers: int | None = None  # backbone stages that train, 0-5; None: 3 if pretrained else 5 (torchvision)
+    aux_head: bool | None = None  # segmentation: auxiliary FCN head on layer3, loss x0.4; None: ResNets on, MobileNetV2 off
 
 
 @dataclass(kw_only=True)
@@ -496,6 +497,12 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
             p.append((f"{name}.trainable_layers", f"must be in 0..5 or null, got {m.trainable_layers}"))
         if m.taps is not None and not m.taps:
             p.append((f"{name}.taps", "is empty: name at least one module, or null for the defaults"))
+        if m.task == "detection" and m.aux_head is not None:
+            p.append((f"{name}.aux_head", "is for segmenters; detectors have none: set it to null"))
+        if m.task == "segmentation" and m.trainable_layers is not None:
+            p.append((f"{name}.trainable_layers", "is for detectors (segmenters train every stage): set it to null"))
+        if m.task == "segmentation" and m.norm == "frozen_bn":
+            p.append((f"{name}.norm", "frozen_bn is for detectors; segmenters train their BatchNorm (auto, bn, syncbn)"))
     if cfg.teacher is not None and cfg.teacher.task != cfg.student.task:
         p.append(("teacher.task", f"{cfg.teacher.task!r} differs from student.task {cfg.student.task!r}"))
     if cfg.method.name is not None and cfg.teacher is None:

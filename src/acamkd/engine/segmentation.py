@@ -6,7 +6,8 @@ The counterpart of :mod:`acamkd.engine.detection` with the same methods. What is
   normalised with ImageNet statistics (segmenters, unlike torchvision detectors, do not normalise
   inside); training images are then randomly rescaled (``data.scale_range``), cropped to
   ``data.crop`` (padded with 0, the mean colour, and the ignore label when smaller) and flipped;
-* the task loss is pixel-wise cross-entropy on the upsampled logits, ignore label 255;
+* the task loss is pixel-wise cross-entropy on the upsampled logits, ignore label 255, plus 0.4 x
+  that of the auxiliary head where the model has one (ResNet encoders, as in CIRKD);
 * the taps are the stride-8 logits (``"logits"``: the ``classifier`` module, M = K masks); the
   teacher runs :meth:`Segmenter.logits` only (no final upsampling);
 * evaluation is mIoU from :class:`acamkd.evaluation.SegMetric`, on whole images or in sliding
@@ -116,17 +117,12 @@ class SegmentationTask:
         from acamkd.models.segmentation import build_segmenter
 
         where = f"{role} ({model_cfg.arch} {model_cfg.backbone})"
-        if model_cfg.norm == "frozen_bn":
-            raise ValueError(f"{role}.norm=frozen_bn: segmenters train their BatchNorm; use auto, bn or syncbn")
-        if model_cfg.trainable_layers is not None:
-            raise ValueError(f"{role}.trainable_layers: detection only (segmenters train every stage); "
-                             f"set it to null")
         classes = model_cfg.num_classes or num_classes
         if classes != num_classes:
             raise ValueError(f"{role}.num_classes={classes} but the dataset has {num_classes} classes "
                              f"(train ids 0..{num_classes - 1}): the {where} logits would not match the labels")
         model = build_segmenter(model_cfg.arch, model_cfg.backbone, classes, pretrained=model_cfg.pretrained,
-                                checkpoint=model_cfg.checkpoint)
+                                checkpoint=model_cfg.checkpoint, aux_head=model_cfg.aux_head)
         # Under DDP each GPU holds 2 of the 16 crops: BatchNorm statistics need the whole batch
         # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics. SyncBatchNorm
         # runs on GPUs only: CPU (gloo) processes keep their own statistics.
@@ -172,8 +168,18 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------ forward passes
     def student_forward(self, student: nn.Module, images: Tensor, labels: Tensor):
-        logits = student(images)  # (B, K, H, W), upsampled from stride 8
-        return {"ce": segmentation_loss(logits, labels)}, self._student_taps.features()
+        """Cross-entropy on the upsampled logits (+ ``AUX_WEIGHT`` x the auxiliary head's) and the taps."""
+        from acamkd.models.segmentation import AUX_WEIGHT
+
+        self._student_taps.clear()
+        if hasattr(student, "forward_train"):
+            logits, aux = student.forward_train(images)  # (B, K, H, W) each, upsampled from stride 8
+        else:  # any other model: its forward gives the logits
+            logits, aux = student(images), None
+        losses = {"ce": segmentation_loss(logits, labels)}
+        if aux is not None:
+            losses["aux_ce"] = AUX_WEIGHT * segmentation_loss(aux, labels)
+        return losses, self._student_taps.features()
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:

@@ -1,14 +1,25 @@
 """Segmenter builders (DeepLabV3, PSPNet) on segmentation-models-pytorch encoders, output stride 8.
 
-Every model is a :class:`Segmenter`, a small wrapper with three submodules and one upsampling step::
+Every model is a :class:`Segmenter`, a small wrapper with three (four) submodules and one upsampling step::
 
     x (B, 3, H, W) normalised image
       -> encoder     smp encoder, dilated to output stride 8; returns the list of its stage
                      features, the deepest (B, C_enc, ceil(H/8), ceil(W/8))
-      -> decoder     DeepLabV3: smp's ASPP decoder (rates 12/24/36 at OS 8, 6/12/18 at OS 16);
-                     PSPNet: :class:`PSPDecoder` (pyramid pooling + 3x3 conv); (B, C_dec, h, w)
-      -> classifier  the class logits at stride 8, (B, K, h, w) with h = ceil(H/8), w = ceil(W/8)
+      -> decoder     DeepLabV3: smp's ASPP decoder at 512 channels (rates 12/24/36 at OS 8,
+                     6/12/18 at OS 16; 1x1 projection with dropout 0.5, then 3x3 conv + BN + ReLU);
+                     PSPNet: :class:`PSPDecoder` (pyramid pooling + 3x3 conv to 128); (B, C_dec, h, w)
+      -> classifier  dropout 0.1 -> 1x1 conv: the class logits at stride 8, (B, K, h, w) with
+                     h = ceil(H/8), w = ceil(W/8)
       -> bilinear upsampling (align_corners=False) to (B, K, H, W): what ``forward`` returns.
+    aux (ResNet encoders, training only): an FCN head on the third stage's features (layer3,
+      stride 8): 3x3 conv to C/4 + BN + ReLU + dropout 0.1 -> 1x1 conv to K; its upsampled
+      logits add ``AUX_WEIGHT`` (0.4) x cross-entropy to the task loss (:meth:`Segmenter.forward_train`).
+
+The heads follow CIRKD (github.com/winycg/CIRKD, ``models/deeplabv3.py``, ``models/pspnet.py``),
+whose training code the segmentation distillation papers (MasKD, ACAM-KD) build on: DeepLabV3's
+ASPP and head at 512 channels for ResNet-18 and ResNet-101 alike; PSPNet-R18's bottleneck at
+128 channels (mmseg's R18 PSPNet uses 128 too); the auxiliary head on for ResNet students and the
+teacher, off for MobileNetV2 (CIRKD's ``train_kd.py``).
 
 The size rule: each of the stem conv, the max pool and layer2 (ResNet; the three stride-2 convs
 for MobileNetV2) maps n to ceil(n/2) (kernel 3, padding 1 or kernel 7, padding 3), and
@@ -23,9 +34,7 @@ PSPNet-R18 is *not* smp's ``PSPNet`` (which truncates the encoder to depth 3, a 
 it is the full 4-stage ResNet-18, dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4,
 as in the PSPNet/CIRKD line of papers), with :class:`PSPDecoder`: bins 1, 2, 3, 6, each
 avg-pool -> 1x1 conv to C_enc/4 -> BN -> ReLU -> bilinear upsampling, concatenated with the input
-(2 * C_enc = 1024 channels), then 3x3 conv to 512 -> BN -> ReLU; the classifier is
-dropout 0.1 -> 1x1 conv. 512 bottleneck channels are the original PSPNet's width, kept for R18 as
-in the distillation papers' PSPNet-R18 (mmseg's own R18 config uses 128).
+(2 * C_enc = 1024 channels), then 3x3 conv to 128 -> BN -> ReLU.
 
 BatchNorm on 1x1 pooled maps (the PSP bin 1, smp's ASPP image pooling) needs a batch of at least 2
 in training mode; evaluation works with any batch.
@@ -49,11 +58,14 @@ from torch import Tensor, nn
 from acamkd.models.weights import load_state_dict_file, load_weights_strict
 
 __all__ = [
+    "ASPP_CHANNELS",
+    "AUX_WEIGHT",
     "PSP_BINS",
     "PSP_CHANNELS",
     "SEGMENTER_ARCHS",
     "PSPDecoder",
     "Segmenter",
+    "FCNHead",
     "build_segmenter",
     "load_pretrained_encoder",
     "segmenter_taps",
@@ -65,11 +77,15 @@ SEGMENTER_ARCHS: dict[str, tuple[str, ...]] = {
     "pspnet": ("resnet18",),
 }
 PSP_BINS = (1, 2, 3, 6)
-PSP_CHANNELS = 512  # bottleneck width after the pyramid pooling (original PSPNet; see module doc)
+PSP_CHANNELS = 128  # PSPNet-R18 bottleneck width after the pyramid pooling (CIRKD, mmseg; module doc)
+ASPP_CHANNELS = 512  # DeepLabV3 ASPP and head width (CIRKD, for R18 and R101 alike)
+AUX_WEIGHT = 0.4  # weight of the auxiliary head's cross-entropy (CIRKD, PSPNet)
+CLASSIFIER_DROPOUT = 0.1
 _ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 # Deepest encoder stage, for the optional "encoder" tap, and the torchvision classifier prefix
 # that the encoder lacks (dropped from a pretrained ImageNet file).
 _DEEPEST = {"resnet18": "encoder.layer4", "resnet101": "encoder.layer4", "mobilenet_v2": "encoder.features.18"}
+_AUX_DEFAULT = {"resnet18": True, "resnet101": True, "mobilenet_v2": False}  # CIRKD: ResNets only
 _TV_CLASSIFIER = {"resnet18": "fc.", "resnet101": "fc.", "mobilenet_v2": "classifier."}
 
 
@@ -80,24 +96,47 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, classifier: nn.Module, *, arch: str,
-                 backbone: str, num_classes: int, output_stride: int) -> None:
+                 backbone: str, num_classes: int, output_stride: int, aux: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.classifier = classifier
+        self.aux = aux  # auxiliary head on the third stage (training only), or None
         self.arch, self.backbone, self.num_classes, self.output_stride = arch, backbone, num_classes, output_stride
+
+    def _logits(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        features = self.encoder(x)                # list of stage features, deepest last
+        return self.classifier(self.decoder(features)), features
 
     def logits(self, x: Tensor) -> Tensor:
         """The stride-8 class logits (B, K, ceil(H/8), ceil(W/8)): all a teacher's tap needs."""
-        features = self.encoder(x)                # list of stage features, deepest last
-        return self.classifier(self.decoder(features))
+        return self._logits(x)[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(self.logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return _upsample(self.logits(x), x)
+
+    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Full-resolution logits and, with an auxiliary head, its full-resolution logits (else None)."""
+        logits, features = self._logits(x)
+        aux = None if self.aux is None else _upsample(self.aux(features[-2]), x)  # layer3: (B, C3, h, w)
+        return _upsample(logits, x), aux
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, backbone={self.backbone}, num_classes={self.num_classes}, " \
-               f"output_stride={self.output_stride}"
+               f"output_stride={self.output_stride}, aux={self.aux is not None}"
+
+
+def _upsample(logits: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(logits, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class FCNHead(nn.Sequential):
+    """Auxiliary head: 3x3 conv to ``in_channels // 4`` -> BN -> ReLU -> dropout 0.1 -> 1x1 conv to K."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        inter = in_channels // 4
+        super().__init__(nn.Conv2d(in_channels, inter, 3, padding=1, bias=False), nn.BatchNorm2d(inter),
+                         nn.ReLU(inplace=True), nn.Dropout2d(CLASSIFIER_DROPOUT), nn.Conv2d(inter, num_classes, 1))
 
 
 class _PoolBranch(nn.Sequential):
@@ -153,26 +192,39 @@ def load_pretrained_encoder(model: Segmenter, path: str | os.PathLike) -> None:
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int = 19, pretrained: str | os.PathLike | None = None,
-                    checkpoint: str | os.PathLike | None = None, output_stride: int = 8) -> Segmenter:
+                    checkpoint: str | os.PathLike | None = None, output_stride: int = 8,
+                    aux_head: bool | None = None) -> Segmenter:
     """A :class:`Segmenter` for ``arch`` in :data:`SEGMENTER_ARCHS` with ``num_classes`` outputs.
 
     ``pretrained``: local torchvision ImageNet weights for the encoder; ``checkpoint``: local
     whole-model weights (applied after ``pretrained``). Both load strictly; nothing downloads.
+    ``aux_head``: the auxiliary FCN head on layer3 (None: on for ResNet encoders, off for
+    MobileNetV2, as CIRKD trains them; MobileNetV2 has no layer3 to put it on).
     """
     _check(arch, backbone, num_classes, output_stride)
+    if aux_head is None:
+        aux_head = _AUX_DEFAULT[backbone]
+    if aux_head and not _AUX_DEFAULT[backbone]:
+        raise ValueError(f"aux_head: {backbone} has no ResNet third stage to put the auxiliary head on")
     if arch == "deeplabv3":
         smp_model = smp.DeepLabV3(encoder_name=backbone, encoder_weights=None, encoder_output_stride=output_stride,
-                                  decoder_atrous_rates=_ASPP_RATES[output_stride], classes=num_classes)
-        encoder, decoder = smp_model.encoder, smp_model.decoder
-        classifier = smp_model.segmentation_head[0]  # the 1x1 conv; smp's Upsample/Identity are dropped
+                                  decoder_channels=ASPP_CHANNELS, decoder_atrous_rates=_ASPP_RATES[output_stride],
+                                  classes=num_classes)
+        encoder, decoder = smp_model.encoder, smp_model.decoder  # smp's head and Upsample are not used
+        channels = ASPP_CHANNELS
     else:  # pspnet: full 4-stage encoder, dilated
         encoder = smp.encoders.get_encoder(backbone, weights=None, depth=5, output_stride=output_stride)
         decoder = PSPDecoder(encoder.out_channels[-1])
-        classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(decoder.out_channels, num_classes, 1))
         smp_init.initialize_decoder(decoder)
-        smp_init.initialize_head(classifier)
+        channels = decoder.out_channels
+    classifier = nn.Sequential(nn.Dropout2d(CLASSIFIER_DROPOUT), nn.Conv2d(channels, num_classes, 1))
+    smp_init.initialize_head(classifier)
+    aux = None
+    if aux_head:
+        aux = FCNHead(encoder.out_channels[-2], num_classes)  # layer3: 256 (R18) / 1024 (R101) channels
+        smp_init.initialize_decoder(aux)
     model = Segmenter(encoder, decoder, classifier, arch=arch, backbone=backbone, num_classes=num_classes,
-                      output_stride=output_stride)
+                      output_stride=output_stride, aux=aux)
     if pretrained is not None:
         load_pretrained_encoder(model, pretrained)
     if checkpoint is not None:
