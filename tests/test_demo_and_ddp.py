@@ -26,6 +26,21 @@ def test_smoke_demo_prints_the_table_and_reuses_its_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_segmentation_smoke_demo_prints_miou_for_the_three_runs(tmp_path, capsys):
+    args = ["--task", "seg", "--smoke", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
+    assert demo_main(args) == 0
+    out = capsys.readouterr().out
+    assert "| model | mIoU | mAcc | aAcc | train s/step |" in out
+    for row in ("teacher (deeplabv3 resnet101)", "student (deeplabv3 resnet18)", "student + ACAM-KD"):
+        assert row in out
+    results = json.loads((tmp_path / "runs" / "seg-smoke" / "results.json").read_text())
+    assert len(results) == 3 and all(0 <= r["mIoU"] <= 1 and "sec_per_step" in r for r in results.values())
+    # the ACAM-KD run distilled the 9-class logits of the R101 teacher with one mask per class
+    acam_log = (tmp_path / "runs" / "seg-smoke" / "acam" / "metrics.jsonl").read_text().splitlines()
+    assert "distill.logits.diversity" in json.loads(acam_log[0])
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_train_with_gloo(tmp_path):
     overrides = [f"data.root={tmp_path / 'shapes'}", "data.shapes.train=8", "data.shapes.val=4",
                  "data.shapes.size=[96,128]", "data.min_size=96", "data.max_size=128", "data.batch_size=2",
