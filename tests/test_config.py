@@ -437,3 +437,22 @@ def test_segmentation_and_distillation_configs_validate():
                    "data.crop=[128, 256]", "eval.sliding_window=true", "eval.window=[128,256]",
                    "eval.stride=[64,128]", "train.epochs=null", "train.iterations=100", "train.schedule=poly"])
     assert cfg.teacher.backbone == "resnet101" and cfg.train.schedule == "poly"
+
+
+def test_every_shipped_config_names_models_the_builders_accept():
+    """A config is only useful if its models build: check arch/backbone against the builders
+    (the X101 configs once named a ResNeXt the detection builder did not list)."""
+    from acamkd.models import DETECTOR_BACKBONES
+    from acamkd.models.segmentation import SEGMENTER_ARCHS
+
+    files = [p for p in sorted(CONFIGS.rglob("*.yaml")) if not p.name.startswith("_")]
+    assert len(files) >= 20
+    for path in files:
+        cfg = load_config(str(path))
+        for m in (cfg.student, cfg.teacher):
+            if m is None:
+                continue
+            if m.task == "detection":
+                assert m.backbone in DETECTOR_BACKBONES, (path.name, m.backbone)
+            else:
+                assert m.backbone in SEGMENTER_ARCHS[m.arch], (path.name, m.arch, m.backbone)

@@ -60,6 +60,7 @@ DETECTOR_BACKBONES: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet50": torchvision.models.resnet50,
     "resnet101": torchvision.models.resnet101,
     "resnext101_32x8d": torchvision.models.resnext101_32x8d,
+    "resnext101_64x4d": torchvision.models.resnext101_64x4d,  # the paper's X101 teacher (mmdet's x101_64x4d)
 }
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
