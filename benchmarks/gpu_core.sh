@@ -18,6 +18,8 @@ $B --detector retinanet --variants fast --no-check-finite > "$OUT/retina_bf16_no
 $B --detector retinanet --variants floor,fast --attention-layout single > "$OUT/retina_bf16_single.json" 2>> "$OUT/compile.err"
 # 3. Faster R-CNN P2-P6 (P2: 67,200 positions; the reference is reported as not fitting)
 $B --detector fasterrcnn > "$OUT/frcnn_bf16.json" 2> "$OUT/frcnn_bf16.err"
+# 3b. Segmentation logits (issue 5): C = M = 19 on the 64x128 grid of a 512x1024 crop, batch 8
+$B --detector segmenter --channels 19 --num-masks 19 --image 512x1024 --batch 8 > "$OUT/seg_logits_bf16.json" 2> "$OUT/seg_logits_bf16.err"
 # 4. Detection training cost (issue 4): student step, teacher forward, distillation step,
 #    RetinaNet R101 -> R50, 1333x800, batch 2, bf16; goal distill <= 1.15 x (student + teacher)
 python -m acamkd.cli bench distill --device cuda --image 800x1333 --batch 2 --dtype bf16 --json > "$OUT/distill_bf16.json" 2> "$OUT/distill.err"

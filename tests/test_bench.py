@@ -14,6 +14,8 @@ def test_retinanet_levels_at_coco_resolution():
 
 
 def test_fasterrcnn_p2_has_67200_positions():
+    assert fpn_level_shapes("segmenter", 512, 1024) == {"logits": (64, 128)}
+    assert fpn_level_shapes("segmenter", 65, 97) == {"logits": (9, 13)}  # ceil(n/8), no padding
     shapes = fpn_level_shapes("fasterrcnn", 800, 1333)
     assert list(shapes) == ["p2", "p3", "p4", "p5", "p6"]
     assert shapes["p2"] == (200, 336) and 200 * 336 == 67_200

@@ -1,8 +1,8 @@
-"""FPN level grids of the paper's detectors for a given input size.
+"""FPN level grids of the paper's detectors (and a segmenter's logits grid) for a given input size.
 
 Images are padded to a multiple of 32 first (torchvision's ``GeneralizedRCNNTransform`` and
 mmdet both do), then each stride-2 stage rounds up: 800x1333 -> 800x1344, P3 = 100x168,
-Faster R-CNN's P2 = 200x336 = 67,200 positions.
+Faster R-CNN's P2 = 200x336 = 67,200 positions. Segmenters are not padded: 512x1024 -> 64x128.
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ __all__ = ["DETECTOR_LEVELS", "fpn_level_shapes", "parse_image_size"]
 DETECTOR_LEVELS: dict[str, dict[str, int]] = {
     "retinanet": {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128},
     "fasterrcnn": {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64},
+    # Segmenters (DeepLabV3 / PSPNet at output stride 8): one tap, the class logits, no padding.
+    "segmenter": {"logits": 8},
 }
+_NO_PADDING = {"segmenter"}
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -33,6 +36,8 @@ def fpn_level_shapes(detector: str, height: int, width: int, size_divisor: int =
     """Level name -> (h, w) of that detector's FPN outputs for an ``height x width`` image."""
     if detector not in DETECTOR_LEVELS:
         raise ValueError(f"--detector must be one of {sorted(DETECTOR_LEVELS)}, got {detector!r}")
+    if detector in _NO_PADDING:
+        size_divisor = 1
     padded_h = math.ceil(height / size_divisor) * size_divisor
     padded_w = math.ceil(width / size_divisor) * size_divisor
     shapes = {}
