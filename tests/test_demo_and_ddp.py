@@ -82,3 +82,16 @@ def test_two_cpu_processes_train_segmentation_and_count_each_val_image_once(tmp_
     assert final["step"] == 2
     for key in ("mIoU", "aAcc", "mAcc"):
         assert final[key] == pytest.approx(alone[key], abs=1e-12), key
+
+
+def test_demo_overrides_win_over_the_profile_for_every_run():
+    from acamkd.demo import build_configs, build_parser
+
+    for task in ("det", "seg"):
+        args = build_parser().parse_args(["--task", task, "train.iterations=50", "train.schedule=poly"])
+        cfgs = build_configs(args)
+        assert {role: c.train.iterations for role, c in cfgs.items()} == {"teacher": 50, "student": 50, "acam": 50}
+    full = build_configs(build_parser().parse_args([]))  # the full profile: teacher twice the student's steps
+    assert full["teacher"].train.iterations == 2 * full["student"].train.iterations
+    assert full["acam"].train.iterations == full["student"].train.iterations
+    assert full["acam"].teacher.checkpoint.endswith("teacher/last.pt")

@@ -121,3 +121,13 @@ def test_per_sample_seed_leaves_the_global_generator_alone():
 def test_mix_seed_spreads():
     seeds = {mix_seed(0, e, i) for e in range(5) for i in range(200)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_sampler_pads_a_dataset_smaller_than_half_the_processes():
+    """Padding wraps as often as needed: every rank gets the same count (DDP would hang otherwise)."""
+    from acamkd.engine.sampling import ResumableSampler
+
+    for length, world in ((1, 4), (2, 7), (3, 3), (5, 2)):
+        per_rank = [ResumableSampler(length, shuffle=False, rank=r, world_size=world).indices() for r in range(world)]
+        assert {len(ix) for ix in per_rank} == {-(-length // world)}, (length, world, per_rank)
+        assert sorted({i for ix in per_rank for i in ix}) == list(range(length))

@@ -47,7 +47,7 @@ def test_full_resolution_logits_and_stride8_tap(arch, backbone, size):
 def test_default_taps_are_the_logits():
     model = build_segmenter("deeplabv3", "mobilenet_v2")
     assert segmenter_taps(model) == {"logits": "classifier"}
-    assert segmenter_taps(model, encoder=True)["encoder"] == "encoder.features.18"
+    assert segmenter_taps(model, encoder=True)["encoder"] == "encoder.features.17"
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
@@ -83,14 +83,26 @@ def test_resnet101_teacher_builds():  # built once; one tiny forward
     assert out.shape == (1, K, 33, 40) and logits.shape == (1, K, 5, 5)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
-def test_deeplabv3_head_is_cirkds(backbone):
-    """ASPP and head at 512 channels, dropout 0.1 before the 1x1 classifier (CIRKD models/deeplabv3.py)."""
-    model = build_segmenter("deeplabv3", backbone)
+@pytest.mark.parametrize("backbone,width,encoder_out", [("resnet18", 512, 512), ("mobilenet_v2", 128, 320)])
+def test_deeplabv3_head_is_cirkds(backbone, width, encoder_out):
+    """ASPP and head at 512 channels (128 for MobileNetV2, whose encoder ends at 320 channels),
+    dropout 0.1 before the 1x1 classifier (CIRKD models/deeplabv3.py, models/deeplabv3_mobile.py)."""
+    model = build_segmenter("deeplabv3", backbone).eval()
     convs = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert {c.out_channels for c in convs} == {512}
+    assert {c.out_channels for c in convs} == {width}
+    assert model.encoder.out_channels[-1] == encoder_out
+    with torch.no_grad():
+        assert model.encoder(torch.randn(1, 3, 64, 64))[-1].shape == (1, encoder_out, 8, 8)
     assert isinstance(model.classifier[0], torch.nn.Dropout2d) and model.classifier[0].p == 0.1
-    assert model.classifier[1].in_channels == 512 and model.classifier[1].out_channels == K
+    assert model.classifier[1].in_channels == width and model.classifier[1].out_channels == K
+
+
+def test_mobilenet_v2_student_is_small():
+    """CIRKD's DeepLabV3-MobileNetV2 has about 3M parameters (the 1280-channel conv and a 512-wide
+    ASPP would make it 25M, larger than DeepLabV3-R18)."""
+    mbv2 = sum(p.numel() for p in build_segmenter("deeplabv3", "mobilenet_v2").parameters())
+    r18 = sum(p.numel() for p in build_segmenter("deeplabv3", "resnet18").parameters())
+    assert 2.5e6 < mbv2 < 3.5e6 and r18 > 5 * mbv2
 
 
 def test_auxiliary_head_on_resnets_only_and_only_in_training_outputs():
@@ -178,3 +190,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="output_stride"):
         build_segmenter("deeplabv3", "resnet18", output_stride=32)
     assert set(SEGMENTER_ARCHS) == {"deeplabv3", "pspnet"}
+
+
+def test_inheritance_between_segmenters_copies_whole_parts_only():
+    from acamkd.models import inherit_weights
+    from acamkd.engine.segmentation import SegmentationTask
+
+    prefixes, whole = SegmentationTask.inherit_prefixes, SegmentationTask.inherit_all_or_nothing
+    teacher = build_segmenter("deeplabv3", "resnet101", num_classes=K)
+    student = build_segmenter("deeplabv3", "resnet18", num_classes=K)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    report = inherit_weights(student, teacher, prefixes, whole)
+    # ASPP branches read 2048 vs 512 channels: the decoder stays the student's own, BN statistics included;
+    # the classifier (512 -> K) matches as a whole and is copied.
+    assert report.copied and all(n.startswith("classifier.") for n in report.copied)
+    for name, tensor in student.state_dict().items():
+        if name.startswith("decoder."):
+            assert torch.equal(tensor, before[name]), name
+    assert any("all_or_nothing" in why for why in report.skipped.values())
+    # tensor by tensor (the detection rule) would have copied the decoder's BatchNorms too
+    partial = inherit_weights(build_segmenter("deeplabv3", "resnet18", num_classes=K), teacher, prefixes)
+    assert any(n.startswith("decoder.") for n in partial.copied)
+    psp = inherit_weights(build_segmenter("pspnet", "resnet18", num_classes=K), teacher, prefixes, whole)
+    assert psp.copied == []  # nothing of PSPNet's head lines up with DeepLabV3's

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "TASKS", "DemoTask", "demo_config_dir", "format_table"]
+__all__ = ["main", "build_parser", "build_configs", "TASKS", "DemoTask", "demo_config_dir", "format_table"]
 
 
 def _iterations(n: int, warmup: int = 10, step: int | None = None) -> list[str]:
@@ -167,23 +167,36 @@ def format_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = TAS
     return "\n".join(lines)
 
 
+def run_dir(args: argparse.Namespace) -> Path:
+    """Where this task and profile's runs go."""
+    return Path(args.out) / f"{TASKS[args.task].out_prefix}{args.profile}"
+
+
+def build_configs(args: argparse.Namespace) -> dict[str, Any]:
+    """The three runs' configs (``teacher``, ``student``, ``acam``) for parsed demo arguments."""
+    task, out = TASKS[args.task], run_dir(args)
+    common = [*task.profiles[args.profile], f"data.root={Path(args.data) / f'shapes-{args.profile}'}",
+              f"train.seed={args.seed}"]
+    # the user's overrides come last: they win over the profile, the teacher's extras included
+    teacher = [*common, *task.teacher_extra.get(args.profile, []), *args.overrides]
+    common = [*common, *args.overrides]
+    return {"teacher": _config(task, "teacher", [*teacher, f"train.output_dir={out / 'teacher'}"]),
+            "student": _config(task, "student", [*common, f"train.output_dir={out / 'student'}"]),
+            "acam": _config(task, "acam", [*common, f"train.output_dir={out / 'acam'}",
+                                           f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"])}
+
+
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     import logging
 
     args = args or build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    task = TASKS[args.task]
-    out = Path(args.out) / f"{task.out_prefix}{args.profile}"
-    common = [*task.profiles[args.profile], f"data.root={Path(args.data) / f'shapes-{args.profile}'}",
-              f"train.seed={args.seed}", *args.overrides]
-    teacher_cfg = _config(task, "teacher", [*common, *task.teacher_extra.get(args.profile, []),
-                                            f"train.output_dir={out / 'teacher'}"])
-    student_cfg = _config(task, "student", [*common, f"train.output_dir={out / 'student'}"])
+    task, out = TASKS[args.task], run_dir(args)
+    cfgs = build_configs(args)
+    teacher_cfg, student_cfg = cfgs["teacher"], cfgs["student"]
     rows = {f"teacher ({teacher_cfg.student.arch} {teacher_cfg.student.backbone})": _run("train", teacher_cfg),
-            f"student ({student_cfg.student.arch} {student_cfg.student.backbone})": _run("train", student_cfg)}
-    acam_cfg = _config(task, "acam", [*common, f"train.output_dir={out / 'acam'}",
-                                      f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"])
-    rows["student + ACAM-KD"] = _run("distill", acam_cfg)
+            f"student ({student_cfg.student.arch} {student_cfg.student.backbone})": _run("train", student_cfg),
+            "student + ACAM-KD": _run("distill", cfgs["acam"])}
     table = format_table(rows, task.columns)
     header = (f"acamkd demo --task {args.task} ({args.profile}, seed {args.seed}): {task.metric_name} (x100) on "
               f"the shapes val split, {teacher_cfg.data.shapes.val} images")

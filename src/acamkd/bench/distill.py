@@ -75,7 +75,7 @@ def _segmentation_parts(cfg: dict[str, Any], device: str):
     from acamkd.engine.segmentation import segmentation_loss
     from acamkd.methods import build as build_method
     from acamkd.models import FeatureTaps
-    from acamkd.models.segmentation import build_segmenter, segmenter_taps
+    from acamkd.models.segmentation import AUX_WEIGHT, build_segmenter, segmenter_taps
 
     h, w = cfg["image"]
     classes = 19
@@ -86,8 +86,17 @@ def _segmentation_parts(cfg: dict[str, Any], device: str):
     channels = {"logits": classes}
     method = build_method(cfg["method"], teacher_channels=channels, student_channels=channels,
                           num_masks=classes).to(device)
-    return (lambda: {"ce": segmentation_loss(student(images), labels)}), \
-        (lambda: {"logits": teacher.logits(images)}), FeatureTaps(student, segmenter_taps(student)), student, method
+    taps = FeatureTaps(student, segmenter_taps(student))
+
+    def student_losses() -> dict:  # the engine's task loss: CE + AUX_WEIGHT x the auxiliary head's CE
+        taps.clear()
+        logits, aux = student.forward_train(images)
+        losses = {"ce": segmentation_loss(logits, labels)}
+        if aux is not None:
+            losses["aux_ce"] = AUX_WEIGHT * segmentation_loss(aux, labels)
+        return losses
+
+    return student_losses, (lambda: {"logits": teacher.logits(images)}), taps, student, method
 
 
 def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:

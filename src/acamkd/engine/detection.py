@@ -31,6 +31,7 @@ class DetectionTask:
     collate = staticmethod(detection_collate)
     drop_last = False  # torchvision detectors train on any batch size
     inherit_prefixes = ("backbone.fpn", "head", "rpn", "roi_heads")  # the paper's neck + head inheritance
+    inherit_all_or_nothing = False  # tensor by tensor, as FGD's init_student (FPN and heads have no BatchNorm)
 
     def __init__(self, cfg: Config, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info

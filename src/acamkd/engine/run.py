@@ -67,7 +67,7 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
             logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
         task.check_pair(student, teacher)
         if cfg.train.inherit_teacher:
-            report = inherit_weights(student, teacher, task.inherit_prefixes)
+            report = inherit_weights(student, teacher, task.inherit_prefixes, task.inherit_all_or_nothing)
             logger.info("inherited %d teacher tensors (%s); skipped %d", len(report.copied),
                         ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
         if cfg.method.name is None:

@@ -62,7 +62,8 @@ class ResumableSampler(Sampler[int]):
         else:
             order = list(range(self.length))
         total = self.per_rank * self.world_size
-        order += order[: total - len(order)]  # pad by wrapping, as DistributedSampler does
+        while len(order) < total:  # pad by wrapping, as DistributedSampler does (repeatedly if tiny)
+            order += order[: total - len(order)]
         return order[self.rank:total:self.world_size]
 
     def __iter__(self) -> Iterator[int]:

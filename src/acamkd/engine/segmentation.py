@@ -62,8 +62,10 @@ class SegmentationTask:
     # BatchNorm on the 1x1 pooled maps (ASPP image pooling, PSP bin 1) cannot train on one image:
     # drop an epoch's last, short batch.
     drop_last = True
-    # Only the decoder and classifier can match between a teacher and a student of another encoder.
+    # Only the decoder and classifier can match between a teacher and a student of another encoder,
+    # and each only as a whole (BatchNorm statistics behind a random conv would be worse than none).
     inherit_prefixes = ("decoder", "classifier")
+    inherit_all_or_nothing = True
 
     def __init__(self, cfg: Config, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info

@@ -5,7 +5,7 @@ Every model is a :class:`Segmenter`, a small wrapper with three (four) submodule
     x (B, 3, H, W) normalised image
       -> encoder     smp encoder, dilated to output stride 8; returns the list of its stage
                      features, the deepest (B, C_enc, ceil(H/8), ceil(W/8))
-      -> decoder     DeepLabV3: smp's ASPP decoder at 512 channels (rates 12/24/36 at OS 8,
+      -> decoder     DeepLabV3: smp's ASPP decoder at 512 channels, 128 for MobileNetV2 (rates 12/24/36 at OS 8,
                      6/12/18 at OS 16; 1x1 projection with dropout 0.5, then 3x3 conv + BN + ReLU);
                      PSPNet: :class:`PSPDecoder` (pyramid pooling + 3x3 conv to 128); (B, C_dec, h, w)
       -> classifier  dropout 0.1 -> 1x1 conv: the class logits at stride 8, (B, K, h, w) with
@@ -17,7 +17,9 @@ Every model is a :class:`Segmenter`, a small wrapper with three (four) submodule
 
 The heads follow CIRKD (github.com/winycg/CIRKD, ``models/deeplabv3.py``, ``models/pspnet.py``),
 whose training code the segmentation distillation papers (MasKD, ACAM-KD) build on: DeepLabV3's
-ASPP and head at 512 channels for ResNet-18 and ResNet-101 alike; PSPNet-R18's bottleneck at
+ASPP and head at 512 channels for ResNet-18 and ResNet-101 alike, at 128 for MobileNetV2, whose
+encoder ends at the 320-channel block (``features.17``; torchvision's final 1x1 conv to 1280 is
+dropped, ``models/deeplabv3_mobile.py``); PSPNet-R18's bottleneck at
 128 channels (mmseg's R18 PSPNet uses 128 too); the auxiliary head on for ResNet students and the
 teacher, off for MobileNetV2 (CIRKD's ``train_kd.py``).
 
@@ -28,7 +30,7 @@ ceil(ceil(ceil(n/2)/2)/2) = ceil(n/8); e.g. 65x97 -> 9x13, 512x1024 -> 64x128.
 Taps (:func:`segmenter_taps`): ``"logits" -> "classifier"`` (the paper's tap: the logits before
 the final upsampling, M = K masks), optionally ``"decoder" -> "decoder"`` (the decoder output)
 and ``"encoder" -> the deepest encoder stage`` (``encoder.layer4`` for ResNets,
-``encoder.features.18`` for MobileNetV2).
+``encoder.features.17`` for MobileNetV2).
 
 PSPNet-R18 is *not* smp's ``PSPNet`` (which truncates the encoder to depth 3, a weaker model):
 it is the full 4-stage ResNet-18, dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4,
@@ -50,6 +52,7 @@ from __future__ import annotations
 import os
 
 import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import initialization as smp_init
@@ -78,15 +81,20 @@ SEGMENTER_ARCHS: dict[str, tuple[str, ...]] = {
 }
 PSP_BINS = (1, 2, 3, 6)
 PSP_CHANNELS = 128  # PSPNet-R18 bottleneck width after the pyramid pooling (CIRKD, mmseg; module doc)
-ASPP_CHANNELS = 512  # DeepLabV3 ASPP and head width (CIRKD, for R18 and R101 alike)
+# DeepLabV3 ASPP and head width per encoder (CIRKD: 512 for R18 and R101 alike, 128 for MobileNetV2).
+ASPP_CHANNELS = {"resnet18": 512, "resnet101": 512, "mobilenet_v2": 128}
+MOBILENET_V2_CHANNELS = 320  # CIRKD's MobileNetV2 encoder output (no final 1x1 conv to 1280)
 AUX_WEIGHT = 0.4  # weight of the auxiliary head's cross-entropy (CIRKD, PSPNet)
 CLASSIFIER_DROPOUT = 0.1
 _ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 # Deepest encoder stage, for the optional "encoder" tap, and the torchvision classifier prefix
 # that the encoder lacks (dropped from a pretrained ImageNet file).
-_DEEPEST = {"resnet18": "encoder.layer4", "resnet101": "encoder.layer4", "mobilenet_v2": "encoder.features.18"}
+_DEEPEST = {"resnet18": "encoder.layer4", "resnet101": "encoder.layer4", "mobilenet_v2": "encoder.features.17"}
 _AUX_DEFAULT = {"resnet18": True, "resnet101": True, "mobilenet_v2": False}  # CIRKD: ResNets only
-_TV_CLASSIFIER = {"resnet18": "fc.", "resnet101": "fc.", "mobilenet_v2": "classifier."}
+# torchvision keys the encoder does not hold: the ImageNet classifier, and MobileNetV2's final 1x1
+# conv to 1280 channels (CIRKD's DeepLabV3-MobileNetV2 ends at the 320-channel block).
+_TV_NOT_IN_ENCODER = {"resnet18": ("fc.",), "resnet101": ("fc.",),
+                      "mobilenet_v2": ("classifier.", "features.18.")}
 
 
 class Segmenter(nn.Module):
@@ -116,10 +124,13 @@ class Segmenter(nn.Module):
         return _upsample(self.logits(x), x)
 
     def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Full-resolution logits and, with an auxiliary head, its full-resolution logits (else None)."""
+        """Full-resolution logits and, with an auxiliary head, its full-resolution logits (else None).
+
+        Upsampled in fp32 even under bf16/fp16 autocast, so the cross-entropy sees unrounded logits.
+        """
         logits, features = self._logits(x)
-        aux = None if self.aux is None else _upsample(self.aux(features[-2]), x)  # layer3: (B, C3, h, w)
-        return _upsample(logits, x), aux
+        aux = None if self.aux is None else _upsample(self.aux(features[-2]).float(), x)  # from layer3
+        return _upsample(logits.float(), x), aux
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, backbone={self.backbone}, num_classes={self.num_classes}, " \
@@ -181,14 +192,15 @@ def _check(arch: str, backbone: str, num_classes: int, output_stride: int) -> No
 
 def load_pretrained_encoder(model: Segmenter, path: str | os.PathLike) -> None:
     """Load a local torchvision ImageNet state dict of ``model.backbone`` into ``model.encoder``,
-    strictly; the ImageNet classifier (``fc.*``/``classifier.*``) is dropped. Errors name the file."""
+    strictly; the ImageNet classifier (``fc.*``/``classifier.*``) and, for MobileNetV2, the final
+    1x1 conv (``features.18.*``) are dropped. Errors name the file."""
     path = os.fspath(path)
     state = load_state_dict_file(path)
-    drop = _TV_CLASSIFIER[model.backbone]
+    drop = _TV_NOT_IN_ENCODER[model.backbone]
     state = {k: v for k, v in state.items() if not k.startswith(drop)}
     load_weights_strict(model.encoder, state, path,
                         f"the {model.backbone} encoder (expects torchvision {model.backbone} ImageNet keys, "
-                        f"'{drop}*' ignored)")
+                        f"{', '.join(repr(d + '*') for d in drop)} ignored)")
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int = 19, pretrained: str | os.PathLike | None = None,
@@ -206,17 +218,18 @@ def build_segmenter(arch: str, backbone: str, num_classes: int = 19, pretrained:
         aux_head = _AUX_DEFAULT[backbone]
     if aux_head and not _AUX_DEFAULT[backbone]:
         raise ValueError(f"aux_head: {backbone} has no ResNet third stage to put the auxiliary head on")
-    if arch == "deeplabv3":
-        smp_model = smp.DeepLabV3(encoder_name=backbone, encoder_weights=None, encoder_output_stride=output_stride,
-                                  decoder_channels=ASPP_CHANNELS, decoder_atrous_rates=_ASPP_RATES[output_stride],
-                                  classes=num_classes)
-        encoder, decoder = smp_model.encoder, smp_model.decoder  # smp's head and Upsample are not used
-        channels = ASPP_CHANNELS
+    encoder = smp.encoders.get_encoder(backbone, weights=None, depth=5, output_stride=output_stride)
+    if backbone == "mobilenet_v2":  # end at the 320-channel block, as CIRKD: drop the 1x1 conv to 1280
+        encoder.features[18] = nn.Identity()
+        encoder._out_channels = [*encoder._out_channels[:-1], MOBILENET_V2_CHANNELS]
+    if arch == "deeplabv3":  # smp's ASPP decoder (what smp.DeepLabV3 builds), at CIRKD's width
+        channels = ASPP_CHANNELS[backbone]
+        decoder = DeepLabV3Decoder(encoder.out_channels[-1], channels, _ASPP_RATES[output_stride],
+                                   aspp_separable=False, aspp_dropout=0.5)
     else:  # pspnet: full 4-stage encoder, dilated
-        encoder = smp.encoders.get_encoder(backbone, weights=None, depth=5, output_stride=output_stride)
         decoder = PSPDecoder(encoder.out_channels[-1])
-        smp_init.initialize_decoder(decoder)
         channels = decoder.out_channels
+    smp_init.initialize_decoder(decoder)
     classifier = nn.Sequential(nn.Dropout2d(CLASSIFIER_DROPOUT), nn.Conv2d(channels, num_classes, 1))
     smp_init.initialize_head(classifier)
     aux = None

@@ -119,12 +119,16 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 
 @torch.no_grad()
 def inherit_weights(student: nn.Module, teacher: nn.Module,
-                    prefixes: Iterable[str] = ("backbone.fpn", "head", "rpn", "roi_heads")) -> InheritReport:
+                    prefixes: Iterable[str] = ("backbone.fpn", "head", "rpn", "roi_heads"),
+                    all_or_nothing: bool = False) -> InheritReport:
     """Copy into ``student`` every teacher tensor under ``prefixes`` whose name and shape match.
 
-    The paper's inheritance strategy (the student starts from the teacher's neck and head).
-    Pass unwrapped modules (not DDP). Returns the copied names and, for the rest under the
-    prefixes of either model, why they were skipped, so the caller can log both.
+    The paper's inheritance strategy (the student starts from the teacher's neck and head),
+    tensor by tensor as FGD's ``init_student`` does (a non-strict load). With
+    ``all_or_nothing`` a prefix is copied only when every student tensor under it matches:
+    for heads with BatchNorm, a partial copy would put the teacher's statistics behind a
+    randomly initialised conv. Pass unwrapped modules (not DDP). Returns the copied names and,
+    for the rest under the prefixes of either model, why they were skipped.
     """
     prefixes = tuple(prefixes)
     s_state, t_state = student.state_dict(), teacher.state_dict()
@@ -138,7 +142,13 @@ def inherit_weights(student: nn.Module, teacher: nn.Module,
         elif t_tensor.shape != s_tensor.shape:
             skipped[name] = f"shape: teacher {tuple(t_tensor.shape)} vs student {tuple(s_tensor.shape)}"
         else:
-            s_tensor.copy_(t_tensor)  # state_dict tensors share storage with the parameters
             copied.append(name)
+    if all_or_nothing:
+        incomplete = {p for p in prefixes if any(_under(n, (p,)) for n in skipped)}
+        for name in [n for n in copied if _under(n, tuple(incomplete))]:
+            copied.remove(name)
+            skipped[name] = "matches, but other tensors of its part do not (all_or_nothing)"
+    for name in copied:
+        s_state[name].copy_(t_state[name])  # state_dict tensors share storage with the parameters
     skipped.update({n: "not in student" for n in t_state if _under(n, prefixes) and n not in s_state})
     return InheritReport(copied, skipped)
