@@ -40,7 +40,7 @@ def acamkd(*args, check=True):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A 2-step DeepLabV3-R18 "teacher" (R18 instead of R101 keeps the tests fast)."""
+    """A 2-step DeepLabV3-R18 teacher."""
     base = tmp_path_factory.mktemp("seg")
     root, out = base / "shapes", base / "teacher"
     acamkd("train", f"{DEMO}/shapes_seg_teacher.yaml", *tiny(root, out, iterations=2), "student.backbone=resnet18")
@@ -49,7 +49,7 @@ def teacher(tmp_path_factory):
 
 def distill_args(root, ckpt, out, iterations=4, student="pspnet"):
     return ["distill", f"{DEMO}/shapes_seg_acam.yaml", *tiny(root, out, iterations), "teacher.backbone=resnet18",
-            f"teacher.checkpoint={ckpt}", f"student.arch={student}"]
+            f"teacher.checkpoint={ckpt}", f"student.arch={student}", "student.backbone=resnet18"]
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -148,7 +148,7 @@ def test_every_val_image_is_counted_once_across_ranks():
 
 def test_sliding_window_evaluation_equals_whole_image_when_the_image_fits(tmp_path, teacher):
     _, _, ckpt = teacher
-    base = [*tiny(tmp_path / "shapes", tmp_path / "o")]
+    base = [*tiny(tmp_path / "shapes", tmp_path / "o"), "student.backbone=resnet18"]  # the teacher fixture's model
     whole = load_config(os.path.join(DEMO, "shapes_seg_student.yaml"), base)
     slide = load_config(os.path.join(DEMO, "shapes_seg_student.yaml"),
                         [*base, "eval.sliding_window=true", "eval.window=[64,80]", "eval.stride=[32,40]"])
@@ -173,7 +173,8 @@ def test_distill_eval_export_through_the_cli(teacher, tmp_path):
     assert {"task.ce", "task.aux_ce", "distill.logits.spatial", "distill.logits.channel", "distill.logits.diversity",
             "stats.logits.spatial_mask_mean"} <= train_keys, train_keys
 
-    student_args = [f"{DEMO}/shapes_seg_student.yaml", *tiny(root, out)[:-1], "student.arch=pspnet"]
+    student_args = [f"{DEMO}/shapes_seg_student.yaml", *tiny(root, out)[:-1], "student.arch=pspnet",
+                    "student.backbone=resnet18"]
     proc = acamkd("eval", *student_args, "--checkpoint", str(out / "last.pt"))
     assert json.loads(proc.stdout)["mIoU"] == pytest.approx(final["mIoU"])
 
