@@ -68,6 +68,22 @@ def _detection_parts(cfg: dict[str, Any], device: str):
         student_taps(student), student, method
 
 
+def _calibrate_batchnorm(model, images) -> None:
+    """Set every BatchNorm's running statistics to those of ``images`` (one train-mode forward with
+    cumulative averaging), then eval mode: a randomly initialised deep teacher in eval mode with
+    unit running variances produces logits large enough to make the distillation step diverge."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model.logits(images)
+    model.eval()
+
+
 def _segmentation_parts(cfg: dict[str, Any], device: str):
     """The same for a segmenter pair: DeepLabV3-R101 teacher (logits only), CE on the student."""
     import torch
@@ -82,7 +98,8 @@ def _segmentation_parts(cfg: dict[str, Any], device: str):
     images = torch.randn(cfg["batch"], 3, h, w, device=device)
     labels = torch.randint(0, classes, (cfg["batch"], h, w), device=device)
     student = build_segmenter(cfg["arch"], cfg["student"], classes).to(device).train()
-    teacher = build_segmenter(cfg["teacher_arch"], cfg["teacher"], classes).to(device).eval().requires_grad_(False)
+    teacher = build_segmenter(cfg["teacher_arch"], cfg["teacher"], classes).to(device).requires_grad_(False)
+    _calibrate_batchnorm(teacher, images)  # random-init BN statistics would give exploding logits
     channels = {"logits": classes}
     method = build_method(cfg["method"], teacher_channels=channels, student_channels=channels,
                           num_masks=classes).to(device)
