@@ -2,19 +2,15 @@
 with SIGKILL mid-epoch and resume to the same result, export and reload the student."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from _cli_helpers import acamkd, sigkill_after_step
 
 from acamkd.config import load_config
 from acamkd.engine.run import load_student
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same float order in every process
 
 
 def tiny(root, out, iterations=6):
@@ -24,12 +20,6 @@ def tiny(root, out, iterations=6):
             "train.log_every=1", "train.val_every=0", "train.checkpoint_every=2", f"train.output_dir={out}"]
 
 
-def acamkd(*args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "acamkd.cli", *args], env=ENV, capture_output=True,
-                          text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"acamkd {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +42,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(teacher):
     acamkd(*distill_args(base, root, ckpt, straight))
 
     killed = base / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "acamkd.cli", *distill_args(base, root, ckpt, killed)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once step 3 is logged (checkpoint at 2)
-        if metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_step(distill_args(base, root, ckpt, killed), killed / "metrics.jsonl", step=3)  # checkpoint at 2
     state = torch.load(killed / "last.pt", weights_only=True)
     assert 2 <= state["step"] < 6 and 0 < state["batches_done"] < 4  # a mid-epoch checkpoint (4 batches/epoch)
 

@@ -3,15 +3,12 @@ evaluation (whole image, sliding windows, every image counted once), bad input, 
 distil -> eval -> export -> SIGKILL + resume through the CLI, as for detection."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli_helpers import acamkd, sigkill_after_step
 from PIL import Image
 
 from acamkd.config import load_config
@@ -21,7 +18,6 @@ from acamkd.engine.segmentation import SegmentationTask, _real_items, segmentati
 from acamkd.engine.sampling import ResumableSampler
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same float order in every process
 
 
 def tiny(root, out, iterations=4):
@@ -31,11 +27,6 @@ def tiny(root, out, iterations=4):
             "train.checkpoint_every=2", "eval.batch_size=2", f"train.output_dir={out}"]
 
 
-def acamkd(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "acamkd.cli", *args], env=ENV, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"acamkd {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -199,17 +190,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(teacher):
     base, root, ckpt = teacher
     straight, killed = base / "straight", base / "killed"
     acamkd(*distill_args(root, ckpt, straight, iterations=6))
-    proc = subprocess.Popen([sys.executable, "-m", "acamkd.cli", *distill_args(root, ckpt, killed, iterations=6)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once step 3 is logged (checkpoint at 2)
-        if metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_step(distill_args(root, ckpt, killed, iterations=6), killed / "metrics.jsonl", step=3)
     state = torch.load(killed / "last.pt", weights_only=True)
     assert 2 <= state["step"] < 6 and 0 < state["batches_done"] < 4  # mid-epoch (4 batches per epoch)
 
