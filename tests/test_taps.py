@@ -140,3 +140,15 @@ def test_distil_a_torchvision_classifier_through_taps():
     assert history[-1] < 0.8 * history[0], history
     t_taps.remove()
     s_taps.remove()
+
+
+def test_tap_channels_probes_once_in_eval_mode_and_restores_training():
+    import torch
+    import torchvision
+
+    from acamkd.models.taps import tap_channels
+
+    model = torchvision.models.resnet18(weights=None).train()
+    channels = tap_channels(model, ["layer2", "layer4"], torch.randn(1, 3, 64, 64))
+    assert channels == {"layer2": 128, "layer4": 512}
+    assert model.training and not model._forward_hooks and not model.layer2._forward_hooks  # hooks removed

@@ -88,10 +88,10 @@ def _segmentation_parts(cfg: dict[str, Any], device: str):
     """The same for a segmenter pair: DeepLabV3-R101 teacher (logits only), CE on the student."""
     import torch
 
-    from acamkd.engine.segmentation import segmentation_loss
+    from acamkd.engine.segmentation import segmentation_task_losses
     from acamkd.methods import build as build_method
     from acamkd.models import FeatureTaps
-    from acamkd.models.segmentation import AUX_WEIGHT, build_segmenter, segmenter_taps
+    from acamkd.models.segmentation import build_segmenter, segmenter_taps
 
     h, w = cfg["image"]
     classes = 19
@@ -105,13 +105,9 @@ def _segmentation_parts(cfg: dict[str, Any], device: str):
                           num_masks=classes).to(device)
     taps = FeatureTaps(student, segmenter_taps(student))
 
-    def student_losses() -> dict:  # the engine's task loss: CE + AUX_WEIGHT x the auxiliary head's CE
+    def student_losses() -> dict:  # the engine's task losses (the auxiliary head's included)
         taps.clear()
-        logits, aux = student.forward_train(images)
-        losses = {"ce": segmentation_loss(logits, labels)}
-        if aux is not None:
-            losses["aux_ce"] = AUX_WEIGHT * segmentation_loss(aux, labels)
-        return losses
+        return segmentation_task_losses(student, images, labels)
 
     return student_losses, (lambda: {"logits": teacher.logits(images)}), taps, student, method
 

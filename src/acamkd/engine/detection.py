@@ -18,6 +18,7 @@ from acamkd.data import CocoDetection, Compose, RandomHorizontalFlip, ResizeKeep
 from acamkd.engine.distributed import DistInfo, barrier, gather_objects
 from acamkd.evaluation import evaluate_detections
 from acamkd.models import FeatureTaps, build_detector, detector_channels, student_taps, teacher_features
+from acamkd.models.taps import tap_channels
 
 __all__ = ["DetectionTask"]
 
@@ -108,12 +109,7 @@ class DetectionTask:
         """Channels per tapped level (FPN: from the model; custom taps: from one forward)."""
         if not taps:
             return detector_channels(model)
-        with FeatureTaps(model, taps) as recorder, torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model(sample)
-            model.train(was_training)
-            return {name: feat.shape[1] for name, feat in recorder.features().items()}
+        return tap_channels(model, taps, sample)
 
     # ------------------------------------------------------------------ forward passes
     def student_forward(self, student: nn.Module, images: list[Tensor], targets: list[dict]):

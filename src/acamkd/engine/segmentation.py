@@ -36,8 +36,9 @@ from acamkd.data.cityscapes import IGNORE_INDEX
 from acamkd.engine.distributed import DistInfo, barrier
 from acamkd.evaluation import SegMetric, sliding_window_logits
 from acamkd.models import FeatureTaps
+from acamkd.models.taps import tap_channels
 
-__all__ = ["SegmentationTask", "segmentation_loss"]
+__all__ = ["SegmentationTask", "segmentation_loss", "segmentation_task_losses"]
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -52,6 +53,21 @@ def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     valid = (labels != ignore_index).sum().clamp_min(1)
     return total / valid
+
+
+def segmentation_task_losses(student: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """A segmenter's training losses: ``ce`` on its upsampled logits and, with an auxiliary head,
+    ``aux_ce`` = ``AUX_WEIGHT`` x that head's cross-entropy. Any other model: its forward's logits."""
+    from acamkd.models.segmentation import AUX_WEIGHT
+
+    if hasattr(student, "forward_train"):
+        logits, aux = student.forward_train(images)  # (B, K, H, W) each, upsampled from stride 8
+    else:
+        logits, aux = student(images), None
+    losses = {"ce": segmentation_loss(logits, labels)}
+    if aux is not None:
+        losses["aux_ce"] = AUX_WEIGHT * segmentation_loss(aux, labels)
+    return losses
 
 
 class SegmentationTask:
@@ -161,27 +177,13 @@ class SegmentationTask:
         """Channels per tap: the class count for the default logits tap, else from one forward."""
         if not taps:
             return {alias: model.num_classes for alias in self._default_taps(model)}
-        with FeatureTaps(model, taps) as recorder, torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model(torch.stack(sample))
-            model.train(was_training)
-            return {name: feat.shape[1] for name, feat in recorder.features().items()}
+        return tap_channels(model, taps, torch.stack(sample))
 
     # ------------------------------------------------------------------ forward passes
     def student_forward(self, student: nn.Module, images: Tensor, labels: Tensor):
-        """Cross-entropy on the upsampled logits (+ ``AUX_WEIGHT`` x the auxiliary head's) and the taps."""
-        from acamkd.models.segmentation import AUX_WEIGHT
-
-        self._student_taps.clear()
-        if hasattr(student, "forward_train"):
-            logits, aux = student.forward_train(images)  # (B, K, H, W) each, upsampled from stride 8
-        else:  # any other model: its forward gives the logits
-            logits, aux = student(images), None
-        losses = {"ce": segmentation_loss(logits, labels)}
-        if aux is not None:
-            losses["aux_ce"] = AUX_WEIGHT * segmentation_loss(aux, labels)
-        return losses, self._student_taps.features()
+        """The task losses (:func:`segmentation_task_losses`) and the student's taps."""
+        self._student_taps.clear()  # forward_train bypasses the forward pre-hook that clears them
+        return segmentation_task_losses(student, images, labels), self._student_taps.features()
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:

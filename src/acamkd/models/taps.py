@@ -11,9 +11,10 @@ import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTaps"]
+__all__ = ["FeatureTaps", "tap_channels"]
 
 
 def _flatten(name: str, value: Any, out: dict[str, Tensor]) -> None:
@@ -92,3 +93,13 @@ class FeatureTaps:
 
     def __repr__(self) -> str:
         return f"FeatureTaps(taps={self.taps}, rename={self.rename}, active={bool(self._handles)})"
+
+
+def tap_channels(model: nn.Module, taps: Sequence[str] | Mapping[str, str], inputs: Any) -> dict[str, int]:
+    """Channels of each tap, from one eval-mode, no-grad ``model(inputs)`` (training mode restored)."""
+    with FeatureTaps(model, taps) as recorder, torch.no_grad():
+        was_training = model.training
+        model.eval()
+        model(inputs)
+        model.train(was_training)
+        return {name: feat.shape[1] for name, feat in recorder.features().items()}
