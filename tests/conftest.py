@@ -13,6 +13,8 @@ except ImportError:  # pragma: no cover
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_acam_helpers.py
 
+import _toy_method  # noqa: E402,F401  registers "toy_l1": the method contract test covers it
+
 # The tests use tiny tensors: one intra-op thread avoids thread wake-up overhead (which
 # dominates, and is erratic, on a 2-core machine with other work running).
 torch.set_num_threads(int(os.environ.get("ACAMKD_TEST_THREADS", "1")))

@@ -1,5 +1,6 @@
 """The benchmark's level shapes, its reference-skip logic, and one tiny end-to-end run."""
 import json
+import os
 
 import pytest
 
@@ -78,11 +79,28 @@ def test_cli_version(capsys):
 @pytest.mark.parametrize("task", ["det", "seg"])
 @pytest.mark.parametrize("variant", ["student", "teacher", "distill"])
 def test_distill_bench_workers_measure(variant, task):
-    from acamkd.bench.distill import _run_worker
+    """Each variant times the engine's own step (or teacher forward) built from the paper config."""
+    import argparse
 
-    arch = {"det": "retinanet", "seg": "pspnet"}[task]
-    cfg = {"device": "cpu", "task": task, "arch": arch, "teacher_arch": "deeplabv3" if task == "seg" else arch,
-           "teacher": "resnet18", "student": "resnet18", "image": [64, 96], "batch": 2 if task == "seg" else 1,
-           "dtype": "fp32", "method": "acam", "repeats": 1, "warmup": 0}
-    result = _run_worker(variant, cfg)
+    from acamkd.bench.distill import DEFAULT_CONFIGS, _run_worker, bench_overrides
+
+    shortcuts = {"det": dict(arch="retinanet", teacher="resnet18", student="resnet18"),
+                 "seg": dict(arch="pspnet", teacher="resnet18", student="resnet18")}[task]
+    args = argparse.Namespace(overrides=[], dtype="fp32", **shortcuts)
+    spec = {"device": "cpu", "config": str(DEFAULT_CONFIGS[task]), "overrides": bench_overrides(args),
+            "image": [64, 96], "batch": 2 if task == "seg" else 1, "classes": 3, "repeats": 1, "warmup": 0}
+    result = _run_worker(variant, spec)
     assert result["median_ms"] > 0 and result["images_per_s"] > 0 and result["peak_mib"] >= 0
+
+
+def test_distill_bench_cli_json(capsys):
+    """The whole command on a tiny demo config: three variants measured, the ratio reported."""
+    from acamkd.cli import main as cli_main
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "demo", "shapes_det_acam.yaml")
+    assert cli_main(["bench", "distill", config, "teacher.backbone=resnet18",
+                     "--device", "cpu", "--image", "64x64", "--batch", "1", "--classes", "2",
+                     "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert all("median_ms" in r for r in report["results"].values()), report["results"]
+    assert report["config"]["teacher"] == "retinanet resnet18" and report["distill_over_student_plus_teacher"] > 0

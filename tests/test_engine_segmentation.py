@@ -14,7 +14,8 @@ from PIL import Image
 from acamkd.config import load_config
 from acamkd.engine.distributed import DistInfo
 from acamkd.engine.run import load_student, prepare
-from acamkd.engine.segmentation import SegmentationTask, _real_items, segmentation_loss
+from acamkd.engine.segmentation import SegmentationTask, segmentation_loss
+from acamkd.engine.task import real_items as _real_items
 from acamkd.engine.sampling import ResumableSampler
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo")
@@ -119,9 +120,9 @@ def test_teacher_computes_only_the_stride8_logits(tmp_path, teacher):
     trainer = prepare(cfg, "distill")
     calls = []
     trainer.teacher.register_forward_hook(lambda *a: calls.append("forward"))  # the upsampling forward
-    feats = trainer.task.teacher_forward(trainer.teacher, torch.randn(2, 3, 48, 64))
+    feats = trainer.task.teacher_forward(trainer.teacher, trainer.step_fn.teacher_taps, torch.randn(2, 3, 48, 64))
     assert list(feats) == ["logits"] and feats["logits"].shape == (2, 9, 6, 8) and calls == []
-    assert trainer.distiller.method.level("logits").num_masks == 9
+    assert trainer.method.level("logits").num_masks == 9
 
 
 # ---------------------------------------------------------------------------------- evaluation

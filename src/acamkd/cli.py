@@ -80,6 +80,22 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+# Bad configs, files, checkpoints and diverged losses: the message says what and where.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def _guarded(command: str, job) -> int:
+    """Run ``job()``; a user error prints one named message (no traceback) and exits 1."""
+    try:
+        return job()
+    except _USER_ERRORS as err:
+        if os.environ.get("ACAMKD_TRACEBACK"):
+            raise
+        print(f"acamkd {command}: {type(err).__name__}: {err}\n"
+              f"(set ACAMKD_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,28 +104,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if args.command == "bench" and args.target == "acam":
+    if args.command == "bench":
         from acamkd.bench import acam as bench_acam
-
-        return bench_acam.main(args=args)
-    if args.command == "bench" and args.target == "distill":
         from acamkd.bench import distill as bench_distill
 
-        return bench_distill.main(args=args)
+        bench = {"acam": bench_acam, "distill": bench_distill}[args.target]
+        return _guarded(f"bench {args.target}", lambda: bench.main(args=args))
     if args.command in ("train", "distill", "eval", "export"):
-        try:
-            return _run_job(args)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-            if os.environ.get("ACAMKD_TRACEBACK"):
-                raise
-            # Bad configs, files, checkpoints and diverged losses: the message says what and where.
-            print(f"acamkd {args.command}: {type(err).__name__}: {err}\n"
-                  f"(set ACAMKD_TRACEBACK=1 for the traceback)", file=sys.stderr)
-            return 1
+        return _guarded(args.command, lambda: _run_job(args))
     if args.command == "demo":
         from acamkd import demo
 
-        return demo.main(args=args)
+        return _guarded("demo", lambda: demo.main(args=args))
     if args.command == "make-data":
         from acamkd.data import synthetic
 

@@ -356,11 +356,21 @@ def _overridden(raw: dict, origins: dict[str, str], overrides: Sequence[str]) ->
 
 # ======================================================================================= schema
 Task = Literal["detection", "segmentation"]
-Arch = Literal["retinanet", "fasterrcnn", "fcos", "deeplabv3", "pspnet"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d",
-                   "mobilenet_v2"]
-ARCHS_BY_TASK: dict[str, tuple[str, ...]] = {"detection": ("retinanet", "fasterrcnn", "fcos"),
-                                             "segmentation": ("deeplabv3", "pspnet")}
+# Model names live in one place, the model registry (acamkd.models.registry); _problems checks them.
+Arch = str  # a registered model of the task: acamkd.models.list_models(task)
+Backbone = str  # a backbone that arch accepts: acamkd.models.list_backbones(arch)
+
+
+def __getattr__(name: str) -> Any:
+    """``ARCHS_BY_TASK`` (task -> registered model names), read from the model registry on access
+    (it imports torch, so not at import)."""
+    if name == "ARCHS_BY_TASK":
+        from acamkd.models.registry import list_models, list_tasks
+
+        return {task: tuple(list_models(task)) for task in list_tasks()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TASKS_BY_DATASET: dict[str, tuple[str, ...]] = {"coco": ("detection",), "cityscapes": ("segmentation",),
                                                 "shapes": ("detection", "segmentation")}
 
@@ -370,8 +380,8 @@ class ModelConfig:
     """One network: the model a run trains (``student``) or the frozen one it learns from (``teacher``)."""
 
     task: Task = "detection"
-    arch: Arch  # detection: retinanet | fasterrcnn | fcos; segmentation: deeplabv3 | pspnet
-    backbone: Backbone  # feature extractor (detectors put an FPN on it)
+    arch: Arch  # a registered model of `task` (acamkd.models.list_models): e.g. retinanet, fcos; deeplabv3
+    backbone: Backbone  # feature extractor (detectors put an FPN on it); one of acamkd.models.list_backbones(arch)
     num_classes: int | None = None  # foreground classes; None: the dataset's count
     pretrained: str | None = None  # local file of ImageNet backbone weights (torchvision's); nothing downloads
     checkpoint: str | None = None  # full model weights, loaded strictly (`distill` needs the teacher's)
@@ -415,10 +425,13 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """The distillation method; ``name: null`` trains without one."""
+    """The distillation method; ``name: null`` trains without one. ``options`` stays a plain dict
+    (of the keys given, the defaults are the method's), checked when the config is loaded
+    against the method's options dataclass (``acamkd.methods.options_class(name)``); the engine
+    gets the typed options with ``acamkd.methods.parse_options(name, options)``."""
 
     name: str | None = None  # registered method (acamkd.methods.available()), e.g. "acam"
-    options: dict[str, Any] = field(default_factory=dict)  # free-form keyword arguments of that method
+    options: dict[str, Any] = field(default_factory=dict)  # that method's options; free-form when name is null
 
 
 @dataclass(kw_only=True)
@@ -482,15 +495,30 @@ def _pair(value: list | None, key: str, minimum: int = 1) -> list[tuple[str, str
     return [(key, f"must be [height, width] with both >= {minimum}, got {value!r}")]
 
 
+def _arch_problems(key: str, m: ModelConfig) -> list[tuple[str, str]]:
+    """``arch`` must be a registered model of ``task``, ``backbone`` one of its backbones (the registry
+    imports torch: read here, not at import)."""
+    from acamkd.models.registry import did_you_mean, get_model_spec, list_models, list_tasks
+
+    known = list_models(m.task)
+    if m.arch not in known:
+        other = [t for t in list_tasks() if t != m.task and m.arch in list_models(t)]
+        why = f" (it is a {other[0]} one: set {key}.task={other[0]})" if other else ""
+        return [(f"{key}.arch", f"{m.arch!r} is not a {m.task} architecture{why}{did_you_mean(m.arch, known)}")]
+    backbones = get_model_spec(m.arch).backbones
+    if m.backbone not in backbones:
+        return [(f"{key}.backbone",
+                 f"{m.backbone!r} is not a backbone of {m.arch}{did_you_mean(m.backbone, backbones)}")]
+    return []
+
+
 def _problems(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules: (dotted key, what is wrong and what to do)."""
     p: list[tuple[str, str]] = []
     t, d, e = cfg.train, cfg.data, cfg.eval
     models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher else [])
     for name, m in models:
-        if m.arch not in ARCHS_BY_TASK[m.task]:
-            p.append((f"{name}.arch", (f"{m.arch!r} is not a {m.task} architecture; choose one of "
-                                      f"{ARCHS_BY_TASK[m.task]} or change {name}.task")))
+        p += _arch_problems(name, m)
         if m.num_classes is not None and m.num_classes < 1:
             p.append((f"{name}.num_classes", f"must be >= 1 or null (from the dataset), got {m.num_classes}"))
         if m.trainable_layers is not None and not 0 <= m.trainable_layers <= 5:
@@ -567,8 +595,31 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
     return p
 
 
+def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
+    """``method.name`` must be registered (a problem, with close matches); ``method.options`` are
+    checked against that method's options dataclass with the same machinery as every section
+    (unknown key, type, range: one ConfigError naming ``method.options.<key>`` and its origin)
+    and kept as a plain dict of the given keys, converted (``1`` -> ``1.0`` for a float)."""
+    name = cfg.method.name
+    if name is None:
+        return []  # no method: the options are free-form and unused
+    from acamkd import methods  # imports torch: only here, when a config names a method
+
+    if name not in methods.available():
+        close = difflib.get_close_matches(name, methods.available(), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        return [("method.name", f"unknown method {name!r}; {hint}registered: {', '.join(methods.available())}")]
+    try:
+        typed = _from_mapping(methods.options_class(name), cfg.method.options, "method.options", ctx)
+    except methods.OptionError as err:  # a range check of the options dataclass
+        key = f"method.options.{err.option}"
+        raise ConfigError(f"{key}: {err.reason}{ctx.where(key)}") from None
+    cfg.method.options = {k: getattr(typed, k) for k in cfg.method.options}
+    return []
+
+
 def _validate(cfg: Config, ctx: _Ctx) -> Config:
-    problems = _problems(cfg)
+    problems = _method_problems(cfg, ctx) + _problems(cfg)
     if problems:
         lines = [f"  {key}: {msg}{ctx.where(key)}" for key, msg in problems]
         raise ConfigError(f"invalid config{ctx.where('')}:\n" + "\n".join(lines))

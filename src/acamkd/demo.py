@@ -22,8 +22,10 @@ learns in the few hundred steps a CPU affords, where the configs' SGD scores 0 t
 * ``--smoke``: seconds, for CI (2 steps on 8 tiny images).
 
 The generated data (``<data>/shapes-<profile>``, shared by both tasks) and each finished run
-(``<out>/<profile>/<run>`` for detection, ``<out>/seg-<profile>/<run>`` for segmentation; reused
-when its resolved config is unchanged) are cached between invocations.
+(``<out>/<profile>/<run>`` for detection, ``<out>/seg-<profile>/<run>`` for segmentation) are
+cached between invocations: the runs go through :func:`acamkd.experiments.run_all`, which reuses a
+finished run whose resolved config is unchanged, resumes one killed mid-way, and moves a folder
+holding another config aside to ``<run>.stale-<n>``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from acamkd.experiments import Run, format_table, run_all
 
 __all__ = ["main", "build_parser", "build_configs", "TASKS", "DemoTask", "demo_config_dir", "format_table"]
 
@@ -133,45 +137,6 @@ def _config(task: DemoTask, role: str, overrides: list[str]):
     return load_config(demo_config_dir() / f"{task.config_prefix}_{role}.yaml", overrides)
 
 
-def _cached(cfg) -> dict[str, Any] | None:
-    """The finished run's metrics if ``train.output_dir`` holds one made with this same config."""
-    from acamkd.config import to_dict
-
-    out = Path(cfg.train.output_dir)
-    try:
-        same = json.loads((out / "demo_config.json").read_text()) == to_dict(cfg)
-        return json.loads((out / "final_metrics.json").read_text()) if same else None
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _run(kind: str, cfg) -> dict[str, Any]:
-    from acamkd.config import to_dict
-    from acamkd.engine import run
-
-    cached = _cached(cfg)
-    if cached is None:
-        if kind == "distill":
-            run.distill(cfg, eval_teacher=False)
-        else:
-            run.train(cfg)
-        Path(cfg.train.output_dir, "demo_config.json").write_text(json.dumps(to_dict(cfg)))
-        cached = _cached(cfg)
-    timing_file = Path(cfg.train.output_dir, "timing.json")
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    return {**cached, **timing}
-
-
-def format_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = TASKS["det"].columns) -> str:
-    """A markdown table: one row per run, ``columns`` x100 (``-`` where COCO reports -1), s/step."""
-    lines = ["| model | " + " | ".join(columns) + " | train s/step |", "|---" * (len(columns) + 2) + "|"]
-    for name, r in rows.items():
-        cells = [f"{100 * r[c]:.1f}" if r.get(c, -1) >= 0 else "-" for c in columns]
-        step = f"{r['sec_per_step']:.2f}" if "sec_per_step" in r else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {step} |")
-    return "\n".join(lines)
-
-
 def run_dir(args: argparse.Namespace) -> Path:
     """Where this task and profile's runs go."""
     return Path(args.out) / f"{TASKS[args.task].out_prefix}{args.profile}"
@@ -199,9 +164,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     task, out = TASKS[args.task], run_dir(args)
     cfgs = build_configs(args)
     teacher_cfg, student_cfg = cfgs["teacher"], cfgs["student"]
-    rows = {f"teacher ({teacher_cfg.student.arch} {teacher_cfg.student.backbone})": _run("train", teacher_cfg),
-            f"student ({student_cfg.student.arch} {student_cfg.student.backbone})": _run("train", student_cfg),
-            "student + ACAM-KD": _run("distill", cfgs["acam"])}
+    teacher = f"teacher ({teacher_cfg.student.arch} {teacher_cfg.student.backbone})"
+    runs = [Run(teacher, "train", teacher_cfg),
+            Run(f"student ({student_cfg.student.arch} {student_cfg.student.backbone})", "train", student_cfg),
+            Run("student + ACAM-KD", "distill", cfgs["acam"], needs=[teacher])]
+    rows = {res.run.name: res.metrics for res in run_all(runs)}
     table = format_table(rows, task.columns)
     header = (f"acamkd demo --task {args.task} ({args.profile}, seed {args.seed}): {task.metric_name} (x100) on "
               f"the shapes val split, {teacher_cfg.data.shapes.val} images")

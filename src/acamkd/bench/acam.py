@@ -25,6 +25,7 @@ import subprocess
 import sys
 from typing import Any
 
+from acamkd.bench.levels import LAYOUT_CHOICES
 from acamkd.bench.measure import available_bytes, machine, time_and_peak
 
 __all__ = ["main", "build_parser", "run_benchmark"]
@@ -38,9 +39,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="default: cuda when available, else cpu")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", default="800x1333", help="HEIGHTxWIDTH of the input image")
-    parser.add_argument("--detector", choices=("retinanet", "fasterrcnn", "segmenter"), default="retinanet",
-                        help="whose taps: FPN levels of a detector, or a segmenter's stride-8 logits (use "
-                             "--channels 19 --num-masks 19 --image 512x1024 for the paper's Cityscapes setting)")
+    parser.add_argument("--detector", choices=LAYOUT_CHOICES, metavar="MODEL", default="retinanet",
+                        help="whose taps, a registered model: a detector's FPN levels, or a segmenter's stride-8 "
+                             "logits ('segmenter' or its name; use --channels 19 --num-masks 19 --image 512x1024 "
+                             "for the paper's Cityscapes setting); one of: %(choices)s")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: features in bf16 and the method under bf16 autocast")
     parser.add_argument("--channels", type=int, default=256, help="FPN channels (teacher and student)")

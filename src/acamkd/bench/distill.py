@@ -1,17 +1,22 @@
-"""``acamkd bench distill``: the cost of a distillation step against its parts.
+"""``acamkd bench distill [CONFIG] [overrides]``: the cost of the engine's distillation step against its parts.
 
-On random images of the given size (models from random init; speed and memory do not depend
-on the weights), times and measures the peak memory of:
+Builds the run of a config as ``acamkd distill`` does (``engine/run.py``: task, models, taps,
+method, optimizer, :class:`~acamkd.engine.step.TrainingStep`), but from random initialisation
+(speed and memory do not depend on the weights) and on random batches of the given size
+(``Task.random_batch``), then times and measures the peak memory of:
 
-* ``student``: one student training step (forward with losses, backward, SGD step),
-* ``teacher``: one teacher forward of what distillation needs (detectors: transform +
-  backbone/FPN; segmenters: the stride-8 logits; no grad, eval mode),
-* ``distill``: one distillation step (teacher forward + student step + the method).
+* ``student``: one training step of the student alone (the ``train`` step of the same config),
+* ``teacher``: one teacher forward of what distillation needs (``Task.teacher_forward``:
+  detectors transform + backbone/FPN, segmenters the stride-8 logits; no grad, eval mode),
+* ``distill``: one distillation step (the engine's step: teacher forward, student losses and
+  taps, the method, backward, optimizer step).
 
 It prints images/s and peak memory of each, and the ratio ``distill / (student + teacher)``
-(the detection issue's goal: at most 1.15). Each variant runs in its own process.
-``--task seg`` measures segmenters (19 classes, ACAM-KD on the logits with M = 19; the
-segmentation issue's setting: DeepLabV3 R101 -> R18, 512x1024, batch 8, bf16).
+(the detection issue's goal: at most 1.15). Each variant runs in its own process. Without a
+CONFIG, ``--task det`` uses ``configs/det/retinanet_r101_r50_acam.yaml`` (800x1333, batch 2)
+and ``--task seg`` ``configs/seg/r101_deeplabv3_r18_acam.yaml`` (512x1024, batch 8);
+``--arch``/``--student``/``--teacher`` are shortcuts for ``student.arch``, ``student.backbone``
+and ``teacher.backbone`` overrides. Models have 80 classes (det) or 19 (seg).
 """
 from __future__ import annotations
 
@@ -20,27 +25,38 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEFAULT_CONFIGS"]
 
 VARIANTS = ("student", "teacher", "distill")
+_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+DEFAULT_CONFIGS = {"det": _CONFIGS / "det" / "retinanet_r101_r50_acam.yaml",
+                   "seg": _CONFIGS / "seg" / "r101_deeplabv3_r18_acam.yaml"}
+_DEFAULTS = {"det": {"image": "800x1333", "batch": 2, "classes": 80},
+             "seg": {"image": "512x1024", "batch": 8, "classes": 19}}
+# Random weights and the configs' learning rates can diverge within a few steps: the bench steps
+# with a small one (the cost of a step does not depend on it) and no warm-up.
+_BENCH_OVERRIDES = ["train.lr=1e-4", "train.warmup_iters=0", "train.grad_clip=null", "train.accumulate=1"]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="acamkd bench distill", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default=None,
+                        help="a distillation config (default: the --task's paper config, see above)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.options.num_masks=3")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--task", choices=("det", "seg"), default="det",
-                        help="det: detectors (defaults: RetinaNet R101 -> R50, 800x1333, batch 2); seg: "
-                             "segmenters, 19 classes (defaults: DeepLabV3 R101 -> R18, 512x1024, batch 8)")
-    parser.add_argument("--arch", default=None,
-                        help="student arch: retinanet|fasterrcnn|fcos (det), deeplabv3|pspnet (seg)")
-    parser.add_argument("--teacher", default="resnet101", help="teacher backbone (seg: a DeepLabV3 teacher)")
-    parser.add_argument("--student", default=None, help="student backbone (det: resnet50, seg: resnet18)")
-    parser.add_argument("--image", default=None, help="HEIGHTxWIDTH")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--method", default="acam")
+                        help="which default config: det (RetinaNet R101 -> R50, 800x1333, batch 2) or seg "
+                             "(DeepLabV3 R101 -> R18, 19 classes, 512x1024, batch 8)")
+    parser.add_argument("--arch", default=None, help="shortcut for student.arch=ARCH")
+    parser.add_argument("--teacher", default=None, help="shortcut for teacher.backbone=NAME")
+    parser.add_argument("--student", default=None, help="shortcut for student.backbone=NAME")
+    parser.add_argument("--image", default=None, help="HEIGHTxWIDTH of the random images")
+    parser.add_argument("--batch", type=int, default=None, help="images per step")
+    parser.add_argument("--classes", type=int, default=None, help="model classes (det: foreground; default 80/19)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: train.amp=bf16 (CUDA)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -48,111 +64,78 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _detection_parts(cfg: dict[str, Any], device: str):
-    """(student losses fn, teacher features fn, student taps, params) for a detector pair."""
+def bench_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides a bench applies to its config: the shortcuts, bf16, the bench's optimizer settings."""
+    out = list(args.overrides or [])
+    for flag, key in (("arch", "student.arch"), ("student", "student.backbone"), ("teacher", "teacher.backbone")):
+        if getattr(args, flag):
+            out.append(f"{key}={getattr(args, flag)}")
+    if args.dtype == "bf16":
+        out.append("train.amp=bf16")
+    return out + _BENCH_OVERRIDES
+
+
+def _calibrate_batchnorm(task, teacher, taps, images) -> None:
+    """Set the teacher's BatchNorm running statistics to those of ``images``: a randomly initialised
+    deep teacher in eval mode, with unit running variances, produces logits large enough to make the
+    distillation step diverge. Each BatchNorm takes the mean and (unbiased) variance of its own
+    input during one teacher forward (pre-hooks), in the order the layers run."""
     import torch
 
-    from acamkd.methods import build as build_method
-    from acamkd.models import build_detector, detector_channels, student_taps, teacher_features
+    def set_statistics(module, args) -> None:
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        module.running_mean.copy_(x.mean(dims))
+        module.running_var.copy_(x.var(dims, unbiased=True))
 
-    h, w = cfg["image"]
-    images = [torch.rand(3, h, w, device=device) for _ in range(cfg["batch"])]
-    targets = [{"boxes": torch.tensor([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.9 * h]],
-                                      device=device), "labels": torch.tensor([1, 2], device=device)}
-               for _ in range(cfg["batch"])]
-    student = build_detector(cfg["arch"], cfg["student"], 81).to(device).train()
-    teacher = build_detector(cfg["arch"], cfg["teacher"], 81).to(device).eval().requires_grad_(False)
-    method = build_method(cfg["method"], teacher_channels=detector_channels(teacher),
-                          student_channels=detector_channels(student)).to(device)
-    return (lambda: student(images, targets)), (lambda: teacher_features(teacher, images)), \
-        student_taps(student), student, method
-
-
-def _calibrate_batchnorm(model, images) -> None:
-    """Set every BatchNorm's running statistics to those of ``images`` (one train-mode forward with
-    cumulative averaging), then eval mode: a randomly initialised deep teacher in eval mode with
-    unit running variances produces logits large enough to make the distillation step diverge."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model.logits(images)
-    model.eval()
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.running_mean is not None]
+    handles = [m.register_forward_pre_hook(set_statistics) for m in norms]
+    try:
+        task.teacher_forward(teacher, taps, images)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def _segmentation_parts(cfg: dict[str, Any], device: str):
-    """The same for a segmenter pair: DeepLabV3-R101 teacher (logits only), CE on the student."""
-    import torch
-
-    from acamkd.engine.segmentation import segmentation_task_losses
-    from acamkd.methods import build as build_method
-    from acamkd.models import FeatureTaps
-    from acamkd.models.segmentation import build_segmenter, segmenter_taps
-
-    h, w = cfg["image"]
-    classes = 19
-    images = torch.randn(cfg["batch"], 3, h, w, device=device)
-    labels = torch.randint(0, classes, (cfg["batch"], h, w), device=device)
-    student = build_segmenter(cfg["arch"], cfg["student"], classes).to(device).train()
-    teacher = build_segmenter(cfg["teacher_arch"], cfg["teacher"], classes).to(device).requires_grad_(False)
-    _calibrate_batchnorm(teacher, images)  # random-init BN statistics would give exploding logits
-    channels = {"logits": classes}
-    method = build_method(cfg["method"], teacher_channels=channels, student_channels=channels,
-                          num_masks=classes).to(device)
-    taps = FeatureTaps(student, segmenter_taps(student))
-
-    def student_losses() -> dict:  # the engine's task losses (the auxiliary head's included)
-        taps.clear()
-        return segmentation_task_losses(student, images, labels)
-
-    return student_losses, (lambda: {"logits": teacher.logits(images)}), taps, student, method
-
-
-def _run_worker(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from acamkd.bench.measure import time_and_peak
+    from acamkd.config import load_config
+    from acamkd.engine.distributed import DistInfo
+    from acamkd.engine.run import build_models, build_step, build_task
 
     torch.manual_seed(0)
-    device = cfg["device"]
-    parts = _segmentation_parts if cfg["task"] == "seg" else _detection_parts
-    student_losses, teacher_feats, taps, student, method = parts(cfg, device)
-    params = list(student.parameters()) + list(method.parameters())
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    use_bf16 = cfg["dtype"] == "bf16"
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16)
+    device = torch.device(spec["device"])
+    cfg = load_config(spec["config"], spec["overrides"])
+    info = DistInfo(device=device)
+    task = build_task(cfg, info)
+    mode = "train" if variant == "student" else "distill"
+    models = build_models(cfg, task, mode, spec["classes"], random_init=True)
+    step = build_step(cfg, task, models, info, total_steps=10**6)
+    batch = task.random_batch(spec["batch"], tuple(spec["image"]), spec["classes"],
+                              torch.Generator().manual_seed(0))
+    if models.teacher is not None:
+        images, _ = task.to_device(batch, device)
+        _calibrate_batchnorm(task, models.teacher, models.teacher_taps, images)
 
-    def student_step(distil: bool) -> None:
-        with autocast:
-            if distil:
-                with torch.no_grad():
-                    t_feats = teacher_feats()
-            losses = dict(student_losses())
-            if distil:
-                losses.update(method(t_feats, taps.features()))
-        sum(losses.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def teacher_forward() -> None:
+        images, _ = task.to_device(batch, device)
+        with step.autocast():
+            task.teacher_forward(models.teacher, models.teacher_taps, images)
 
-    def teacher_step() -> None:
-        with autocast, torch.no_grad():
-            teacher_feats()
-
-    step = {"student": lambda: student_step(False), "teacher": teacher_step,
-            "distill": lambda: student_step(True)}[variant]
-    times, peak = time_and_peak(step, device, cfg["warmup"], cfg["repeats"])
+    run = teacher_forward if variant == "teacher" else (lambda: step([batch]))
+    times, peak = time_and_peak(run, spec["device"], spec["warmup"], spec["repeats"])
     median = statistics.median(times) / 1e3
-    return {"variant": variant, "median_ms": median * 1e3, "images_per_s": cfg["batch"] / median,
+    return {"variant": variant, "median_ms": median * 1e3, "images_per_s": spec["batch"] / median,
             "peak_mib": peak / 2**20}
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    from acamkd.bench.measure import machine
     from acamkd.bench.levels import parse_image_size
+    from acamkd.bench.measure import machine
+    from acamkd.config import load_config
 
     args = args or build_parser().parse_args(argv)
     if args.worker:
@@ -161,33 +144,38 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seg = args.task == "seg"
-    arch = args.arch or ("deeplabv3" if seg else "retinanet")
-    allowed = ("deeplabv3", "pspnet") if seg else ("retinanet", "fasterrcnn", "fcos")
-    if arch not in allowed:
-        raise SystemExit(f"acamkd bench distill: --arch {arch!r} is not a {args.task} arch; choose from {allowed}")
-    cfg = {"device": device, "task": args.task, "arch": arch, "teacher_arch": "deeplabv3" if seg else arch,
-           "teacher": args.teacher, "student": args.student or ("resnet18" if seg else "resnet50"),
-           "image": list(parse_image_size(args.image or ("512x1024" if seg else "800x1333"))),
-           "batch": args.batch or (8 if seg else 2), "dtype": args.dtype,
-           "method": args.method, "repeats": args.repeats or (20 if device == "cuda" else 3),
-           "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)}
+    defaults = _DEFAULTS[args.task]
+    config = str(args.config or DEFAULT_CONFIGS[args.task])
+    overrides = bench_overrides(args)
+    cfg = load_config(config, overrides)  # errors here, named, before any worker starts
+    if cfg.teacher is None or cfg.method.name is None:
+        raise SystemExit(f"acamkd bench distill: {config} has no teacher or method.name: give a distillation config")
+    spec = {"device": device, "config": config, "overrides": overrides,
+            "image": list(parse_image_size(args.image or defaults["image"])),
+            "batch": args.batch or defaults["batch"], "classes": args.classes or defaults["classes"],
+            "repeats": args.repeats or (20 if device == "cuda" else 3),
+            "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)}
     results = {}
     for variant in VARIANTS:
         proc = subprocess.run([sys.executable, "-m", "acamkd.bench.distill", "--worker", variant],
-                              input=json.dumps(cfg), capture_output=True, text=True)
+                              input=json.dumps(spec), capture_output=True, text=True)
         results[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
                             {"variant": variant, "skipped": (proc.stderr or proc.stdout).strip()[-500:]})
-    report: dict[str, Any] = {"config": cfg, "machine": machine(), "results": results}
+    s, t = cfg.student, cfg.teacher
+    report: dict[str, Any] = {
+        "config": {**spec, "teacher": f"{t.arch} {t.backbone}", "student": f"{s.arch} {s.backbone}",
+                   "method": cfg.method.name, "dtype": args.dtype},
+        "machine": machine(), "results": results}
     if all("median_ms" in r for r in results.values()):
         parts = results["student"]["median_ms"] + results["teacher"]["median_ms"]
         report["distill_over_student_plus_teacher"] = results["distill"]["median_ms"] / parts
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"acamkd bench distill: {cfg['teacher_arch']} {cfg['teacher']} -> {cfg['arch']} {cfg['student']}, "
-          f"{cfg['image'][0]}x{cfg['image'][1]}, batch "
-          f"{cfg['batch']}, {cfg['dtype']} on {device} ({report['machine'].get('gpu', report['machine']['platform'])})")
+    h, w = spec["image"]
+    print(f"acamkd bench distill: {t.arch} {t.backbone} -> {s.arch} {s.backbone} ({cfg.method.name}), {h}x{w}, "
+          f"batch {spec['batch']}, {args.dtype} on {device} "
+          f"({report['machine'].get('gpu', report['machine']['platform'])})")
     for variant, r in results.items():
         if "median_ms" in r:
             print(f"{variant:<8} {r['median_ms']:>10.1f} ms {r['images_per_s']:>8.2f} img/s {r['peak_mib']:>9.1f} MiB")

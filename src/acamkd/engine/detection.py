@@ -1,9 +1,9 @@
-"""Detection for the engine: datasets, model builds, forward passes and COCO evaluation.
+"""Detection for the engine (:class:`acamkd.engine.task.Task`): COCO-layout data, the registered
+detectors (``acamkd.models.registry``), their FPN levels as taps, COCO box mAP.
 
-The engine's loop is task-agnostic; this adapter is the one place that knows that detection
-batches are lists of images and target dicts, that the student's taps are its FPN levels,
-that the teacher runs transform + backbone/FPN only, and that evaluation is COCO mAP on boxes
-mapped back to the original image frame.
+What is particular: batches are lists of images (each resized by the data pipeline, padded to a
+multiple of 32 by the detector's transform) and target dicts; the teacher runs transform +
+backbone/FPN only; evaluation maps boxes from the resized input back to the original image.
 """
 from __future__ import annotations
 
@@ -13,45 +13,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from acamkd.config import Config, ModelConfig
+from acamkd.config import ModelConfig
 from acamkd.data import CocoDetection, Compose, RandomHorizontalFlip, ResizeKeepRatio, detection_collate
-from acamkd.engine.distributed import DistInfo, barrier, gather_objects
+from acamkd.engine.distributed import gather_objects
+from acamkd.engine.task import Task, real_items
 from acamkd.evaluation import evaluate_detections
-from acamkd.models import FeatureTaps, build_detector, detector_channels, student_taps, teacher_features
-from acamkd.models.taps import tap_channels
+from acamkd.methods.batch import DistillBatch
+from acamkd.models import FeatureTaps
 
 __all__ = ["DetectionTask"]
 
 _NORM = {"auto": None, "bn": False, "frozen_bn": True, "syncbn": False}
 
 
-class DetectionTask:
-    """Adapter between the engine and torchvision detectors on COCO-layout data."""
+class DetectionTask(Task):
+    """Adapter between the engine and the registered detectors (``acamkd.models.registry``:
+    builder, default FPN taps, cheap teacher pass, evaluation limits) on COCO-layout data."""
 
     name = "detection"
-    collate = staticmethod(detection_collate)
     drop_last = False  # torchvision detectors train on any batch size
     inherit_prefixes = ("backbone.fpn", "head", "rpn", "roi_heads")  # the paper's neck + head inheritance
     inherit_all_or_nothing = False  # tensor by tensor, as FGD's init_student (FPN and heads have no BatchNorm)
-
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
-        self.cfg, self.info = cfg, info
-        self._student_taps: FeatureTaps | None = None
-        self._teacher_taps: FeatureTaps | None = None
+    collate = staticmethod(detection_collate)
 
     # ------------------------------------------------------------------ data
     def coco_root(self) -> str:
+        self.built_in_data()
         data = self.cfg.data
-        if data.dataset == "shapes":
-            from acamkd.data.synthetic import make_shapes
-
-            if self.info.is_main:  # generate once (cached by its parameters), others wait
-                s = data.shapes
-                make_shapes(data.root, train=s.train, val=s.val, size=tuple(s.size), seed=s.seed,
-                            difficulty=s.difficulty)
-            barrier(self.info)
-            return os.path.join(data.root, "coco")
-        return data.root
+        return os.path.join(data.root, "coco") if data.dataset == "shapes" else data.root
 
     def _dataset(self, split: str, transforms) -> CocoDetection:
         data = self.cfg.data
@@ -66,7 +55,6 @@ class DetectionTask:
         return train, self.val_dataset()
 
     def val_dataset(self) -> CocoDetection:
-        """Validation only (eval and export need no training annotations)."""
         data = self.cfg.data
         return self._dataset(data.val_split, ResizeKeepRatio(data.min_size, data.max_size))
 
@@ -78,50 +66,16 @@ class DetectionTask:
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
         """``num_classes`` foreground classes (the dataset's unless the config says otherwise)."""
-        classes = model_cfg.num_classes or num_classes
-        model = build_detector(model_cfg.arch, model_cfg.backbone, classes + 1, pretrained=model_cfg.pretrained,
-                               checkpoint=model_cfg.checkpoint, min_size=self.cfg.data.min_size,
-                               max_size=self.cfg.data.max_size, frozen_bn=_NORM[model_cfg.norm],
-                               trainable_backbone_layers=model_cfg.trainable_layers)
-        self._set_eval_limits(model)
-        if model_cfg.norm == "syncbn" and self.info.distributed and self.info.device.type == "cuda":  # GPU-only op
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
-
-    def _set_eval_limits(self, model: nn.Module) -> None:
-        ev = self.cfg.eval
-        heads = model.roi_heads if hasattr(model, "roi_heads") else model
-        heads.score_thresh = ev.score_thresh
-        heads.detections_per_img = ev.max_detections
-
-    @staticmethod
-    def check_pair(student: nn.Module, teacher: nn.Module) -> None:
-        """FPN levels pair up whatever the class counts: nothing to check."""
-
-    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Hook the taps once: the student's record during its own training forward."""
-        custom = self.cfg.student.taps
-        self._student_taps = FeatureTaps(student, custom) if custom else student_taps(student)
-        if teacher is not None and self.cfg.teacher is not None and self.cfg.teacher.taps:
-            self._teacher_taps = FeatureTaps(teacher, self.cfg.teacher.taps)
-
-    def tap_channels(self, model: nn.Module, taps: list[str] | None, sample: list[Tensor]) -> dict[str, int]:
-        """Channels per tapped level (FPN: from the model; custom taps: from one forward)."""
-        if not taps:
-            return detector_channels(model)
-        return tap_channels(model, taps, sample)
+        model = self.build_from_registry(
+            model_cfg, model_cfg.num_classes or num_classes, min_size=self.cfg.data.min_size,
+            max_size=self.cfg.data.max_size, frozen_bn=_NORM[model_cfg.norm],
+            trainable_backbone_layers=model_cfg.trainable_layers)
+        return self.maybe_sync_batchnorm(model, model_cfg, when=("syncbn",))
 
     # ------------------------------------------------------------------ forward passes
-    def student_forward(self, student: nn.Module, images: list[Tensor], targets: list[dict]):
+    def student_forward(self, student: nn.Module, taps: FeatureTaps, images: list[Tensor], targets: list[dict]):
         losses = student(images, targets)  # torchvision: dict of task losses in training mode
-        return losses, self._student_taps.features()
-
-    @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
-        if self._teacher_taps is None:
-            return teacher_features(teacher, images)  # transform + backbone/FPN: no head, no NMS
-        teacher(images)
-        return self._teacher_taps.features()
+        return losses, taps.features()
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -135,6 +89,25 @@ class DetectionTask:
     def batch_size(batch) -> int:
         return len(batch[0])
 
+    def distill_batch(self, images: list[Tensor], targets: list[dict]) -> DistillBatch:
+        """Boxes are already in the input frame (the pipeline resizes, the transform only pads)."""
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        divisor = self.spec().size_divisor
+        pad = (lambda v: -(-v // divisor) * divisor)
+        input_size = (pad(max(h for h, _ in sizes)), pad(max(w for _, w in sizes)))
+        return DistillBatch(input_size=input_size, image_sizes=sizes, boxes=[t["boxes"] for t in targets],
+                            labels=[t["labels"] for t in targets])
+
+    def random_batch(self, batch_size: int, size: tuple[int, int], num_classes: int,
+                     generator: torch.Generator):
+        """Random images with two boxes each (labels 1 and 2, or 1 for a one-class model)."""
+        h, w = size
+        boxes = torch.tensor([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.9 * h]])
+        images = [torch.rand(3, h, w, generator=generator) for _ in range(batch_size)]
+        targets = [{"boxes": boxes.clone(), "labels": torch.tensor([1, min(2, num_classes)]),
+                    "image_id": i, "orig_size": torch.tensor([h, w])} for i in range(batch_size)]
+        return images, targets
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, dataset: CocoDetection) -> dict[str, float]:
@@ -142,9 +115,15 @@ class DetectionTask:
         was_training = model.training
         model.eval()
         predictions, image_ids = [], []
+        real, seen = real_items(loader), 0
         for batch in loader:
             images, targets = self.to_device(batch, self.info.device)
-            for image, target, output in zip(images, targets, model(images)):
+            keep = max(0, min(len(images), real - seen))  # the sampler's wrap-around padding is not scored
+            seen += len(images)
+            if not keep:
+                continue
+            outputs = model(images)[:keep]  # the whole batch: its padding decides the FPN grids
+            for image, target, output in zip(images, targets, outputs):
                 orig_h, orig_w = (int(v) for v in target["orig_size"])
                 scale = torch.tensor([orig_w / image.shape[-1], orig_h / image.shape[-2]] * 2,
                                      device=output["boxes"].device)
@@ -156,10 +135,10 @@ class DetectionTask:
         gathered = gather_objects((predictions, image_ids), self.info)
         metrics: dict[str, float] = {}
         if self.info.is_main:
-            seen: dict[int, Any] = {}
-            for preds, ids in gathered:  # the padded sampler repeats a few images: keep one copy
+            seen_ids: dict[int, Any] = {}
+            for preds, ids in gathered:  # one prediction per image id (a skipped bad image's stand-in)
                 for pred, image_id in zip(preds, ids):
-                    seen.setdefault(image_id, pred)
-            metrics = evaluate_detections(dataset.ann_file, list(seen.values()), list(seen),
+                    seen_ids.setdefault(image_id, pred)
+            metrics = evaluate_detections(dataset.ann_file, list(seen_ids.values()), list(seen_ids),
                                           dataset.label_to_cat_id)
         return gather_objects(metrics, self.info)[0]

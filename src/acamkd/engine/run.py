@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,16 +14,22 @@ from torch import nn
 
 from acamkd.config import Config, ModelConfig
 from acamkd.engine.distributed import DistInfo, init_distributed
-from acamkd.engine.trainer import Trainer
+from acamkd.engine.sampling import ResumableSampler
+from acamkd.engine.schedule import build_optimizer, build_scheduler
+from acamkd.engine.step import StudentAndMethod, TrainingStep
+from acamkd.engine.task import Task
+from acamkd.engine.trainer import Trainer, plan_epochs
 from acamkd.methods import build as build_method
-from acamkd.models import inherit_weights
+from acamkd.methods import parse_options
+from acamkd.models import FeatureTaps, inherit_weights
 
-__all__ = ["build_task", "prepare", "train", "distill", "evaluate", "export_student", "sha256_of"]
+__all__ = ["RunModels", "build_models", "build_step", "build_task", "prepare", "train", "distill", "evaluate",
+           "export_student", "sha256_of"]
 
 logger = logging.getLogger("acamkd")
 
 
-def build_task(cfg: Config, info: DistInfo):
+def build_task(cfg: Config, info: DistInfo) -> Task:
     """The adapter that knows ``student.task``'s data, models, losses and metrics."""
     if cfg.student.task == "detection":
         from acamkd.engine.detection import DetectionTask
@@ -51,38 +59,95 @@ def _teacher_config(cfg: Config) -> ModelConfig:
     return cfg.teacher
 
 
+@dataclass
+class RunModels:
+    """The models of a run and their hooks. ``teacher``/``method``/``teacher_taps`` are None when
+    training without distillation (``teacher_taps`` also when the task reads the teacher's default
+    levels directly)."""
+
+    student: nn.Module
+    student_taps: FeatureTaps
+    teacher: nn.Module | None = None
+    teacher_taps: FeatureTaps | None = None
+    method: nn.Module | None = None
+
+
+def build_models(cfg: Config, task: Task, mode: str, num_classes: int, sample: Callable[[], list] | None = None,
+                 random_init: bool = False) -> RunModels:
+    """The student, and for ``mode="distill"`` the frozen teacher (checkpoint loaded strictly, unless
+    ``random_init``) and the configured method sized to the taps' channels.
+
+    ``sample()`` returns a list of one image; it is called only when configured taps need a forward
+    to learn their channels. ``random_init`` builds every model without weights (benchmarks).
+
+    Raises:
+        ValueError, FileNotFoundError: no teacher checkpoint, taps that do not pair up, a pair the
+            task refuses (:meth:`Task.check_pair`), a method the registry does not know.
+    """
+    student_cfg = replace(cfg.student, pretrained=None, checkpoint=None) if random_init else cfg.student
+    student = task.build_model(student_cfg, num_classes, "student")
+    if mode != "distill":
+        return RunModels(student, task.make_taps(student, "student"))
+    if random_init:
+        teacher_cfg = replace(cfg.teacher, pretrained=None, checkpoint=None)
+    else:
+        teacher_cfg = _teacher_config(cfg)
+    teacher = task.build_model(teacher_cfg, num_classes, "teacher")  # strict load inside
+    if teacher_cfg.checkpoint and task.info.is_main:
+        logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
+    task.check_pair(student, teacher)
+    if cfg.train.inherit_teacher and not random_init:
+        report = inherit_weights(student, teacher, task.inherit_prefixes, task.inherit_all_or_nothing)
+        logger.info("inherited %d teacher tensors (%s); skipped %d", len(report.copied),
+                    ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
+    if cfg.method.name is None:
+        raise ValueError("distill needs method.name (e.g. method.name=acam)")
+    # Configured taps need one forward to learn their channels; default levels are read off the model.
+    images = sample() if (sample is not None and (cfg.teacher.taps or cfg.student.taps)) else []
+    t_channels = task.tap_channels(teacher, "teacher", images)
+    s_channels = task.tap_channels(student, "student", images)
+    if sorted(t_channels) != sorted(s_channels):
+        raise ValueError(f"teacher taps {sorted(t_channels)} and student taps {sorted(s_channels)} differ: "
+                         f"set teacher.taps and student.taps to levels that pair up")
+    method = build_method(cfg.method.name, teacher_channels=t_channels, student_channels=s_channels,
+                          options=parse_options(cfg.method.name, cfg.method.options))
+    teacher.eval().requires_grad_(False)
+    return RunModels(student, task.make_taps(student, "student"), teacher, task.teacher_taps(teacher), method)
+
+
+def build_step(cfg: Config, task: Task, models: RunModels, info: DistInfo, total_steps: int,
+               steps_unit: int = 1) -> TrainingStep:
+    """Moves the models to ``info.device``, wraps the trained modules in DDP when distributed, and
+    builds the optimizer (over student + method), the schedule of ``total_steps`` optimizer steps
+    (``train.steps`` counted in ``steps_unit`` steps) and the :class:`TrainingStep`."""
+    t = cfg.train
+    trained = StudentAndMethod(models.student, models.method, task, models.student_taps).to(info.device)
+    if models.teacher is not None:
+        models.teacher.to(info.device)
+    model: nn.Module = trained
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            trained, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    optimizer = build_optimizer(trained.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, t.schedule, [m * steps_unit for m in t.steps], t.gamma,
+                                t.poly_power, t.warmup_iters, t.warmup_ratio, t.min_lr / t.lr)
+    return TrainingStep(task, trained, models.teacher, models.teacher_taps, optimizer, scheduler,
+                        device=info.device, model=model, amp=t.amp, grad_clip=t.grad_clip)
+
+
 def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
-    """Everything ``train`` (mode "train") or ``distill`` (mode "distill") needs, seeded."""
+    """Everything ``train`` (mode "train") or ``distill`` (mode "distill") needs, seeded: the task,
+    datasets, sampler and epoch plan, models, taps and method, optimizer, schedule and step."""
     info = info or init_distributed()
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's result
     task = build_task(cfg, info)
     train_set, val_set = task.datasets()
-    num_classes = task.model_classes(train_set)
-    student = task.build_model(cfg.student, num_classes, "student")
-    teacher = method = None
-    if mode == "distill":
-        teacher_cfg = _teacher_config(cfg)
-        teacher = task.build_model(teacher_cfg, num_classes, "teacher")  # strict load inside
-        if info.is_main:
-            logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
-        task.check_pair(student, teacher)
-        if cfg.train.inherit_teacher:
-            report = inherit_weights(student, teacher, task.inherit_prefixes, task.inherit_all_or_nothing)
-            logger.info("inherited %d teacher tensors (%s); skipped %d", len(report.copied),
-                        ", ".join(report.copied[:8]) + (" ..." if len(report.copied) > 8 else ""), len(report.skipped))
-        if cfg.method.name is None:
-            raise ValueError("distill needs method.name (e.g. method.name=acam)")
-        # Custom taps need one forward to learn their channels; FPN taps are read off the model.
-        sample = [train_set[0][0]] if (cfg.teacher.taps or cfg.student.taps) else []
-        t_channels = task.tap_channels(teacher, cfg.teacher.taps, sample)
-        s_channels = task.tap_channels(student, cfg.student.taps, sample)
-        if sorted(t_channels) != sorted(s_channels):
-            raise ValueError(f"teacher taps {sorted(t_channels)} and student taps {sorted(s_channels)} differ: "
-                             f"set teacher.taps and student.taps to levels that pair up")
-        method = build_method(cfg.method.name, teacher_channels=t_channels, student_channels=s_channels,
-                              **cfg.method.options)
-    task.attach(student, teacher)
-    return Trainer(cfg, task, info, student, train_set, val_set, teacher=teacher, method=method)
+    models = build_models(cfg, task, mode, task.model_classes(train_set), sample=lambda: [train_set[0][0]])
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed, rank=info.rank,
+                               world_size=info.world_size)
+    plan = plan_epochs(cfg, sampler, task.drop_last, task.name)
+    step = build_step(cfg, task, models, info, plan.total_steps, plan.unit)
+    return Trainer(cfg, task, info, step, train_set, val_set, sampler, plan, teacher=models.teacher)
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, float]:
@@ -121,7 +186,6 @@ def evaluate(cfg: Config, checkpoint: str) -> dict[str, float]:
 
     info = init_distributed()
     task, model, val_set = load_student(cfg, checkpoint, info)
-    task.attach(model, None)
     loader = DataLoader(val_set, batch_size=cfg.eval.batch_size or cfg.data.batch_size,
                         sampler=ResumableSampler(len(val_set), shuffle=False, rank=info.rank,
                                                  world_size=info.world_size),

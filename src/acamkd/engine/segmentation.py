@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acamkd.config import Config, ModelConfig
+from acamkd.config import ModelConfig
 from acamkd.data import (
     CityscapesSegmentation,
     Compose,
@@ -33,10 +33,10 @@ from acamkd.data import (
     segmentation_collate,
 )
 from acamkd.data.cityscapes import IGNORE_INDEX
-from acamkd.engine.distributed import DistInfo, barrier
+from acamkd.engine.task import Task, real_items
 from acamkd.evaluation import SegMetric, sliding_window_logits
+from acamkd.methods.batch import DistillBatch
 from acamkd.models import FeatureTaps
-from acamkd.models.taps import tap_channels
 
 __all__ = ["SegmentationTask", "segmentation_loss", "segmentation_task_losses"]
 
@@ -70,11 +70,10 @@ def segmentation_task_losses(student: nn.Module, images: Tensor, labels: Tensor)
     return losses
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     """Adapter between the engine and :func:`acamkd.models.segmentation.build_segmenter` models."""
 
     name = "segmentation"
-    collate = staticmethod(segmentation_collate)
     # BatchNorm on the 1x1 pooled maps (ASPP image pooling, PSP bin 1) cannot train on one image:
     # drop an epoch's last, short batch.
     drop_last = True
@@ -82,27 +81,15 @@ class SegmentationTask:
     # and each only as a whole (BatchNorm statistics behind a random conv would be worse than none).
     inherit_prefixes = ("decoder", "classifier")
     inherit_all_or_nothing = True
-
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
-        self.cfg, self.info = cfg, info
-        self._student_taps: FeatureTaps | None = None
-        self._teacher_taps: FeatureTaps | None = None
-        self._teacher_logits_only = False
+    collate = staticmethod(segmentation_collate)
 
     # ------------------------------------------------------------------ data
     def _root_and_classes(self) -> tuple[str, int, list[str] | None]:
         data = self.cfg.data
         if data.dataset != "shapes":
             return data.root, 19, None
-        from acamkd.data.synthetic import make_shapes
-
-        meta_file = os.path.join(data.root, "shapes_meta.json")
-        if self.info.is_main:  # generate once (cached by its parameters), others wait
-            s = data.shapes
-            make_shapes(data.root, train=s.train, val=s.val, size=tuple(s.size), seed=s.seed,
-                        difficulty=s.difficulty)
-        barrier(self.info)
-        with open(meta_file) as f:
+        self.built_in_data()
+        with open(os.path.join(data.root, "shapes_meta.json")) as f:
             meta = json.load(f)
         names = ["background"] + [c["name"] for c in sorted(meta["classes"], key=lambda c: c["train_id"])]
         return os.path.join(data.root, "cityscapes"), len(names), names
@@ -132,67 +119,32 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-        from acamkd.models.segmentation import build_segmenter
-
         where = f"{role} ({model_cfg.arch} {model_cfg.backbone})"
         classes = model_cfg.num_classes or num_classes
         if classes != num_classes:
             raise ValueError(f"{role}.num_classes={classes} but the dataset has {num_classes} classes "
                              f"(train ids 0..{num_classes - 1}): the {where} logits would not match the labels")
-        model = build_segmenter(model_cfg.arch, model_cfg.backbone, classes, pretrained=model_cfg.pretrained,
-                                checkpoint=model_cfg.checkpoint, aux_head=model_cfg.aux_head)
+        model = self.build_from_registry(model_cfg, classes, aux_head=model_cfg.aux_head)
         # Under DDP each GPU holds 2 of the 16 crops: BatchNorm statistics need the whole batch
-        # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics. SyncBatchNorm
-        # runs on GPUs only: CPU (gloo) processes keep their own statistics.
-        if model_cfg.norm in ("auto", "syncbn") and self.info.distributed and self.info.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
+        # (mmseg's SyncBN); "auto" does that, "bn" keeps per-process statistics.
+        return self.maybe_sync_batchnorm(model, model_cfg, when=("auto", "syncbn"))
 
-    @staticmethod
-    def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    def check_pair(self, student: nn.Module, teacher: nn.Module) -> None:
         """Teacher and student logits are distilled class by class: the class counts must agree."""
         s, t = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
         if s is not None and t is not None and s != t:
             raise ValueError(f"class-count mismatch: teacher logits have {t} classes, student logits {s}; "
                              f"distilling logits needs the same classes in the same order")
 
-    def _default_taps(self, model: nn.Module) -> dict[str, str]:
-        from acamkd.models.segmentation import Segmenter, segmenter_taps
-
-        if not isinstance(model, Segmenter):
-            raise TypeError(f"{type(model).__name__} is not a Segmenter: set student.taps / teacher.taps "
-                            f"to the module names to distil")
-        return segmenter_taps(model)
-
-    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Hook the taps once: the student's record during its own training forward."""
-        custom = self.cfg.student.taps
-        self._student_taps = FeatureTaps(student, custom if custom else self._default_taps(student))
-        if teacher is not None:
-            t_custom = self.cfg.teacher.taps if self.cfg.teacher is not None else None
-            self._teacher_taps = FeatureTaps(teacher, t_custom if t_custom else self._default_taps(teacher))
-            self._teacher_logits_only = not t_custom and hasattr(teacher, "logits")
-
-    def tap_channels(self, model: nn.Module, taps: list[str] | None, sample: list[Tensor]) -> dict[str, int]:
-        """Channels per tap: the class count for the default logits tap, else from one forward."""
-        if not taps:
-            return {alias: model.num_classes for alias in self._default_taps(model)}
-        return tap_channels(model, taps, torch.stack(sample))
+    @staticmethod
+    def model_input(images: list[Tensor]) -> Tensor:
+        return torch.stack(images)
 
     # ------------------------------------------------------------------ forward passes
-    def student_forward(self, student: nn.Module, images: Tensor, labels: Tensor):
+    def student_forward(self, student: nn.Module, taps: FeatureTaps, images: Tensor, labels: Tensor):
         """The task losses (:func:`segmentation_task_losses`) and the student's taps."""
-        self._student_taps.clear()  # forward_train bypasses the forward pre-hook that clears them
-        return segmentation_task_losses(student, images, labels), self._student_taps.features()
-
-    @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:
-        self._teacher_taps.clear()
-        if self._teacher_logits_only:
-            teacher.logits(images)  # encoder + decoder + classifier: no final upsampling
-        else:
-            teacher(images)
-        return self._teacher_taps.features()
+        taps.clear()  # forward_train bypasses the forward pre-hook that clears them
+        return segmentation_task_losses(student, images, labels), taps.features()
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -202,6 +154,18 @@ class SegmentationTask:
     @staticmethod
     def batch_size(batch) -> int:
         return batch[0].shape[0]
+
+    def distill_batch(self, images: Tensor, labels: Tensor) -> DistillBatch:
+        B, _, H, W = images.shape
+        return DistillBatch(input_size=(H, W), image_sizes=[(H, W)] * B, label_map=labels,
+                            ignore_index=IGNORE_INDEX)
+
+    def random_batch(self, batch_size: int, size: tuple[int, int], num_classes: int,
+                     generator: torch.Generator):
+        """Normalised-looking random images and uniformly random labels."""
+        h, w = size
+        return (torch.randn(batch_size, 3, h, w, generator=generator),
+                torch.randint(0, num_classes, (batch_size, h, w), generator=generator))
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, model: nn.Module, images: Tensor) -> Tensor:
@@ -217,8 +181,7 @@ class SegmentationTask:
         was_training = model.training
         model.eval()
         metric = SegMetric(dataset.num_classes, ignore_index=IGNORE_INDEX, device=self.info.device)
-        real = _real_items(loader)  # this rank's items that are not the sampler's wrap-around padding
-        seen = 0
+        real, seen = real_items(loader), 0  # the sampler's wrap-around padding is not scored
         for batch in loader:
             images, labels = self.to_device(batch, self.info.device)
             keep = max(0, min(images.shape[0], real - seen))
@@ -232,11 +195,3 @@ class SegmentationTask:
             if iou == iou:  # NaN: class absent from both prediction and labels
                 metrics[f"IoU.{name}"] = float(iou)
         return metrics
-
-
-def _real_items(loader) -> int:
-    """How many of the loader's items on this rank are real (ResumableSampler pads by wrapping)."""
-    sampler = getattr(loader, "sampler", None)
-    if not all(hasattr(sampler, a) for a in ("length", "rank", "world_size", "per_rank")):
-        return len(loader.dataset)
-    return max(0, -(-(sampler.length - sampler.rank) // sampler.world_size))  # ranks r, r+W, ... < length

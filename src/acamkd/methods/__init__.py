@@ -1,6 +1,25 @@
-"""Distillation methods, one file each, built by name through the registry."""
-from acamkd.methods.base import DistillMethod
-from acamkd.methods.registry import available, build, register
-from acamkd.methods.acam import ACAM, ACAMLevel, ACAMLevelOutput  # noqa: E402  (registers "acam")
+"""Distillation methods, one file each, built by name through the registry.
 
-__all__ = ["DistillMethod", "build", "register", "available", "ACAM", "ACAMLevel", "ACAMLevelOutput"]
+``build(name, teacher_channels=..., student_channels=..., **options)`` gives a
+:class:`DistillMethod`; ``options_class(name)`` / ``parse_options(name, mapping)`` give its typed
+options. A new method is one file: an options dataclass (subclass of :class:`MethodOptions`)
+and a :class:`LevelwiseMethod` subclass under ``@register(name, options=...)``, imported here.
+"""
+from acamkd.methods.base import DistillMethod, LevelResult, LevelwiseMethod, MethodOptions, OptionError
+from acamkd.methods.batch import DistillBatch
+from acamkd.methods.registry import (
+    available,
+    build,
+    get_method_class,
+    list_methods,
+    options_class,
+    parse_options,
+    register,
+)
+from acamkd.methods.acam import ACAM, ACAMLevel, ACAMLevelOutput, ACAMOptions  # noqa: E402  (registers "acam")
+
+__all__ = [
+    "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "DistillBatch", "DistillMethod", "LevelResult",
+    "LevelwiseMethod", "MethodOptions", "OptionError", "available", "build", "get_method_class", "list_methods",
+    "options_class", "parse_options", "register",
+]

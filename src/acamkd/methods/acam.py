@@ -14,16 +14,26 @@ benchmarks compare against live in :mod:`acamkd.methods.acam_reference`.
 """
 from __future__ import annotations
 
-import math
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acamkd.methods.base import DistillMethod, check_level_names
+from acamkd.methods.base import (
+    LevelResult,
+    LevelwiseMethod,
+    level_key,
+    MethodOptions,
+    check_choice,
+    check_feature_pair,
+    check_finite,
+    check_int,
+    check_weight,
+)
 from acamkd.methods.registry import register
 from acamkd.ops.attention import cross_attention_tokens
 from acamkd.ops.masking import (
@@ -35,11 +45,53 @@ from acamkd.ops.masking import (
     spatial_masks,
 )
 
-__all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "QUERY_SIDES", "MASK_FAMILIES"]
+__all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "QUERY_SIDES", "MASK_FAMILIES"]
 
-QUERY_SIDES = ("teacher", "student")
+QuerySide = Literal["teacher", "student"]
+ChannelMaskForm = Literal["paper", "elementwise", "article"]
+MaskNorm = Literal["mass", "energy"]
+MaskFamily = Literal["both", "spatial", "channel"]
+AttentionLayout = Literal["split", "single"]
+
+QUERY_SIDES = typing.get_args(QuerySide)
 ATTENTION_LAYOUTS = {"split": True, "single": False}  # -> split_value_heads
-MASK_FAMILIES = ("both", "spatial", "channel")
+MASK_FAMILIES = typing.get_args(MaskFamily)
+assert typing.get_args(ChannelMaskForm) == CHANNEL_MASK_FORMS and typing.get_args(MaskNorm) == MASK_NORMS
+assert typing.get_args(AttentionLayout) == tuple(ATTENTION_LAYOUTS)
+
+
+@dataclass(kw_only=True)
+class ACAMOptions(MethodOptions):
+    """ACAM-KD's options (``method.options`` in a config); the paper's settings are the defaults
+    (M = 6 for COCO, 19 for Cityscapes; alpha = lambda = 1). Meanings: :class:`ACAMLevel`.
+
+    Raises (construction): :class:`~acamkd.methods.base.OptionError` naming the option.
+    """
+
+    num_masks: int = 6  # M: spatial and channel masks per family (>= 1)
+    alpha: float = 1.0  # weight of the masked feature losses L^c + L^s (>= 0)
+    lam: float = 1.0  # lambda: weight of the Dice diversity loss (>= 0)
+    query: QuerySide = "teacher"  # STCA-FF: which side asks (Table 9 ablation: student)
+    channel_mask: ChannelMaskForm = "paper"  # channel-mask form: sigmoid(a_m v) | elementwise | article
+    mask_norm: MaskNorm = "mass"  # masked-loss normaliser: sum w (paper) | sum w^2 (scale-invariant)
+    masks: MaskFamily = "both"  # mask families built: both | spatial | channel (ablations)
+    init_std: float = 0.01  # std of the mask units' N(0, std) init: masks start near 0.5 (>= 0)
+    attention_layout: AttentionLayout = "split"  # speed only, never values: q/k/v layout for the fused kernels
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("num_masks", self.num_masks, 1)
+        for name in ("alpha", "lam", "init_std"):
+            check_weight(name, getattr(self, name))
+        check_choice("query", self.query, QUERY_SIDES)
+        check_choice("channel_mask", self.channel_mask, CHANNEL_MASK_FORMS)
+        check_choice("mask_norm", self.mask_norm, MASK_NORMS)
+        check_choice("masks", self.masks, MASK_FAMILIES)
+        check_choice("attention_layout", self.attention_layout, tuple(ATTENTION_LAYOUTS))
+
+    def level_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`ACAMLevel` (every option but ``check_finite``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "check_finite"}
 
 
 @dataclass
@@ -56,66 +108,9 @@ class ACAMLevelOutput:
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
-def _positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _weight(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_feature_pair(teacher_feat: Any, student_feat: Any, teacher_channels: int, student_channels: int,
-                       where: str = "") -> None:
-    """Shape, dtype and batch checks for one level's inputs; errors name the argument."""
-    prefix = f"{where}: " if where else ""
-    for name, feat, channels in (("teacher_feat", teacher_feat, teacher_channels),
-                                 ("student_feat", student_feat, student_channels)):
-        if not isinstance(feat, Tensor):
-            raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(feat).__name__}")
-        if feat.dim() != 4:
-            raise ValueError(f"{prefix}{name} must be 4-D (B, C, H, W), got shape {tuple(feat.shape)}")
-        if not feat.is_floating_point():
-            raise TypeError(f"{prefix}{name} must be a floating-point tensor, got {feat.dtype}")
-        if feat.shape[1] != channels:
-            raise ValueError(f"{prefix}{name} has {feat.shape[1]} channels, the level was built for {channels}")
-        if feat.shape[2] < 1 or feat.shape[3] < 1:
-            raise ValueError(f"{prefix}{name} has an empty grid {tuple(feat.shape[2:])}")
-    if teacher_feat.shape[0] != student_feat.shape[0]:
-        raise ValueError(f"{prefix}batch mismatch: teacher_feat has batch {teacher_feat.shape[0]}, "
-                         f"student_feat has batch {student_feat.shape[0]}")
-    if teacher_feat.shape[0] < 1:
-        raise ValueError(f"{prefix}teacher_feat has an empty batch")
-    if teacher_feat.device != student_feat.device:
-        raise ValueError(f"{prefix}teacher_feat is on {teacher_feat.device}, student_feat on {student_feat.device}")
-
-
-def check_finite(named: Mapping[str, Tensor]) -> None:
-    """One host sync for all tensors; on failure name each tensor holding NaN/inf."""
-    if not named:
-        return
-    # max and min propagate NaN and carry +-inf: both finite <=> every element finite. Two
-    # plain reductions, cheaper than isfinite's elementwise temporaries.
-    flags = torch.stack([torch.isfinite(torch.stack([t.amax(), t.amin()]).float()).all() for t in named.values()])
-    if bool(flags.all()):
-        return
-    bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
-    raise ValueError(f"non-finite values (NaN or inf) in {bad}")
-
-
 def _upcast(x: Tensor) -> Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
 
 
 class ACAMLevel(nn.Module):
@@ -147,25 +142,25 @@ class ACAMLevel(nn.Module):
         num_masks: int = 6,
         alpha: float = 1.0,
         lam: float = 1.0,
-        query: str = "teacher",
-        channel_mask: str = "paper",
-        mask_norm: str = "mass",
-        masks: str = "both",
+        query: QuerySide = "teacher",
+        channel_mask: ChannelMaskForm = "paper",
+        mask_norm: MaskNorm = "mass",
+        masks: MaskFamily = "both",
         init_std: float = 0.01,
-        attention_layout: str = "split",
+        attention_layout: AttentionLayout = "split",
     ) -> None:
         super().__init__()
-        self.teacher_channels = _positive_int("teacher_channels", teacher_channels, 2)
-        self.student_channels = _positive_int("student_channels", student_channels, 1)
-        self.num_masks = _positive_int("num_masks", num_masks, 1)
-        self.alpha = _weight("alpha", alpha)
-        self.lam = _weight("lam", lam)
-        self.query = _choice("query", query, QUERY_SIDES)
-        self.channel_mask = _choice("channel_mask", channel_mask, CHANNEL_MASK_FORMS)
-        self.mask_norm = _choice("mask_norm", mask_norm, MASK_NORMS)
-        self.masks = _choice("masks", masks, MASK_FAMILIES)
-        init_std = _weight("init_std", init_std)
-        self.attention_layout = _choice("attention_layout", attention_layout, tuple(ATTENTION_LAYOUTS))
+        self.teacher_channels = check_int("teacher_channels", teacher_channels, 2)
+        self.student_channels = check_int("student_channels", student_channels, 1)
+        self.num_masks = check_int("num_masks", num_masks, 1)
+        self.alpha = check_weight("alpha", alpha)
+        self.lam = check_weight("lam", lam)
+        self.query = check_choice("query", query, QUERY_SIDES)
+        self.channel_mask = check_choice("channel_mask", channel_mask, CHANNEL_MASK_FORMS)
+        self.mask_norm = check_choice("mask_norm", mask_norm, MASK_NORMS)
+        self.masks = check_choice("masks", masks, MASK_FAMILIES)
+        init_std = check_weight("init_std", init_std)
+        self.attention_layout = check_choice("attention_layout", attention_layout, tuple(ATTENTION_LAYOUTS))
 
         channels, qk_channels = self.teacher_channels, self.teacher_channels // 2
         self.align = nn.Conv2d(self.student_channels, channels, 1)  # f_align: C_s -> C_t
@@ -249,89 +244,37 @@ class ACAMLevel(nn.Module):
         )
 
 
-def _module_key(name: str) -> str:
-    return name.replace(".", "__")
-
-
-@register("acam")
-class ACAM(DistillMethod):
+@register("acam", options=ACAMOptions)
+class ACAM(LevelwiseMethod):
     """ACAM-KD over several tapped levels: one independent :class:`ACAMLevel` per level.
 
-    ``ACAM(teacher_channels={"p3": 256, ...}, student_channels=None | {...}, **level_options)``
-    (``student_channels`` defaults to the teacher's). The call
-    ``ACAM(teacher_feats, student_feats, batch=None)`` returns a dict of weighted scalar
-    losses keyed ``"<level>.<kind>"`` (kind: ``channel``, ``spatial``, ``diversity``); the
-    engine sums them. :meth:`statistics` gives, from the last call and without another pass,
-    per level the mean spatial and channel masks and their mean pairwise Dice (the spec's
-    "known risk", mask collapse, must show in every training log). :meth:`inspect` returns
-    the per-level tensors (masks, fused features) for pictures.
+    ``ACAM(teacher_channels={"p3": 256, ...}, student_channels=None | {...}, options=None, **options)``
+    (``student_channels`` defaults to the teacher's; options: :class:`ACAMOptions` or its fields
+    as keywords). The call ``ACAM(teacher_feats, student_feats, batch=None)`` returns a dict of
+    weighted scalar losses keyed ``"<level>.<kind>"`` (kind: ``channel``, ``spatial``,
+    ``diversity``); the engine sums them; ``batch`` is not used. :meth:`statistics` gives, from
+    the last call and without another pass, per level the mean spatial and channel masks and
+    their mean pairwise Dice (the spec's "known risk", mask collapse, must show in every
+    training log). :meth:`inspect` returns ``{level: ACAMLevelOutput}`` (masks, fused features)
+    for pictures. Input checks, loss keys and statistics: :class:`~acamkd.methods.base.LevelwiseMethod`.
 
     ``check_finite=True`` checks all inputs for NaN/inf with one host sync per call.
     """
 
-    def __init__(
-        self,
-        teacher_channels: Mapping[str, int],
-        student_channels: Mapping[str, int] | None = None,
-        check_finite: bool = True,
-        **level_options: Any,
-    ) -> None:
-        super().__init__()
-        if not isinstance(teacher_channels, Mapping) or not teacher_channels:
-            raise ValueError(f"teacher_channels must be a non-empty dict of level name -> channels, "
-                             f"got {teacher_channels!r}")
-        student_channels = dict(teacher_channels) if student_channels is None else dict(student_channels)
-        if sorted(student_channels) != sorted(teacher_channels):
-            raise ValueError(f"student_channels levels {sorted(student_channels)} differ from "
-                             f"teacher_channels levels {sorted(teacher_channels)}")
-        non_strings = [name for name in teacher_channels if not isinstance(name, str)]
-        if non_strings:
-            raise TypeError(f"teacher_channels: level names must be strings (the loss keys are "
-                            f"'<level>.<kind>'), got {non_strings!r}")
-        self.level_names = list(teacher_channels)
-        keys = [_module_key(n) for n in self.level_names]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"level names {self.level_names} collide once '.' is replaced by '__'")
-        self.check_finite = bool(check_finite)
-        levels = {}
-        for name, key in zip(self.level_names, keys):
-            try:
-                levels[key] = ACAMLevel(teacher_channels[name], student_channels[name], **level_options)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"ACAM level {name!r}: {err}") from None
-        self.levels = nn.ModuleDict(levels)
-        self._last_stats: dict[str, Tensor] = {}
+    options: ACAMOptions
+
+    def build_level(self, teacher_channels: int, student_channels: int, options: ACAMOptions) -> ACAMLevel:
+        return ACAMLevel(teacher_channels, student_channels, **options.level_kwargs())
+
+    def forward_level(self, level: ACAMLevel, teacher_feat: Tensor, student_feat: Tensor, batch: Any,
+                      name: str) -> LevelResult:
+        out = level(teacher_feat, student_feat, check_inputs=False)  # the base checked them
+        return LevelResult(out.losses, out.stats, out)
 
     def level(self, name: str) -> ACAMLevel:
-        return self.levels[_module_key(name)]
+        return self.levels[level_key(name)]
 
-    def _run(self, teacher_feats: Mapping[str, Tensor], student_feats: Mapping[str, Tensor]) -> dict[str, ACAMLevelOutput]:
-        check_level_names(self.level_names, teacher_feats, student_feats, "ACAM")
-        for name in self.level_names:
-            level = self.level(name)
-            check_feature_pair(teacher_feats[name], student_feats[name], level.teacher_channels,
-                               level.student_channels, where=f"level {name!r}")
-        if self.check_finite:
-            named = {f"teacher_feats[{n!r}]": teacher_feats[n] for n in self.level_names}
-            named.update({f"student_feats[{n!r}]": student_feats[n] for n in self.level_names})
-            check_finite(named)
-        return {name: self.level(name)(teacher_feats[name], student_feats[name], check_inputs=False)
-                for name in self.level_names}
-
-    def forward(self, teacher_feats: Mapping[str, Tensor], student_feats: Mapping[str, Tensor],
-                batch: Any = None) -> dict[str, Tensor]:
-        outputs = self._run(teacher_feats, student_feats)
-        losses = {f"{name}.{kind}": value for name, out in outputs.items() for kind, value in out.losses.items()}
-        self._last_stats = {f"{name}.{key}": value for name, out in outputs.items() for key, value in out.stats.items()}
-        return losses
-
-    def statistics(self) -> dict[str, float]:
-        if not self._last_stats:
-            return {}
-        values = torch.stack(list(self._last_stats.values())).tolist()  # one host sync
-        return dict(zip(self._last_stats, values))
-
-    @torch.no_grad()
-    def inspect(self, teacher_feats: Mapping[str, Tensor], student_feats: Mapping[str, Tensor]) -> dict[str, ACAMLevelOutput]:
+    def inspect(self, teacher_feats: Mapping[str, Tensor], student_feats: Mapping[str, Tensor],
+                batch: Any = None) -> dict[str, ACAMLevelOutput]:
         """Per-level masks, fused and aligned features (no grad), for pictures and analysis."""
-        return self._run(teacher_feats, student_feats)
+        return super().inspect(teacher_feats, student_feats, batch)

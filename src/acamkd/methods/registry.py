@@ -1,37 +1,101 @@
-"""Distillation methods by name: ``build("acam", **cfg)``; later methods register beside it."""
+"""Distillation methods by name, each with its typed options (in the style of timm's and
+torchvision's model registries)::
+
+    @register("acam", options=ACAMOptions)
+    class ACAM(LevelwiseMethod): ...
+
+    build("acam", teacher_channels={"p3": 256}, num_masks=6)             # options as keywords
+    build("acam", teacher_channels={"p3": 256}, options=ACAMOptions())    # or as the dataclass
+    parse_options("acam", {"num_masks": 6})                              # -> ACAMOptions(num_masks=6)
+"""
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from acamkd.methods.base import DistillMethod
+from acamkd.methods.base import DistillMethod, MethodOptions, resolve_options
 
-__all__ = ["register", "build", "available"]
+__all__ = ["available", "build", "get_method_class", "list_methods", "options_class", "parse_options", "register"]
 
-_REGISTRY: dict[str, Callable[..., DistillMethod]] = {}
+_REGISTRY: dict[str, type[DistillMethod]] = {}
+_OPTIONS: dict[str, type[MethodOptions]] = {}
 
 
-def register(name: str) -> Callable:
-    """Class decorator: make a method constructible by ``build(name, ...)``."""
+def register(name: str, options: type[MethodOptions] | None = None) -> Callable[[type], type]:
+    """Class decorator: make a method constructible by ``build(name, ...)`` with the options
+    dataclass ``options`` (a :class:`~acamkd.methods.base.MethodOptions` subclass; default: the
+    class's ``options_class``, else :class:`MethodOptions`, which holds only ``check_finite``).
+    Sets ``cls.options_class``.
 
-    def decorator(cls: Callable[..., DistillMethod]) -> Callable[..., DistillMethod]:
+    Raises:
+        ValueError: ``name`` is taken.
+        TypeError: ``options`` is not a MethodOptions subclass.
+    """
+    if options is not None and not (isinstance(options, type) and issubclass(options, MethodOptions)):
+        raise TypeError(f"register({name!r}): options must be a MethodOptions dataclass subclass, got {options!r}")
+
+    def decorator(cls: type) -> type:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name]!r}")
+        opts = options or getattr(cls, "options_class", None) or MethodOptions
+        cls.options_class = opts
         _REGISTRY[name] = cls
+        _OPTIONS[name] = opts
         return cls
 
     return decorator
 
 
 def available() -> list[str]:
+    """The registered method names, sorted."""
     return sorted(_REGISTRY)
 
 
-def build(name: str, **kwargs: Any) -> DistillMethod:
-    """Construct the method registered as ``name`` with its keyword arguments."""
+list_methods = available
+
+
+def get_method_class(name: str) -> type[DistillMethod]:
+    """The class registered as ``name``.
+
+    Raises:
+        KeyError: an unknown name; the message lists the known ones and close matches.
+    """
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise KeyError(f"unknown distillation method {name!r}: known methods are {available()}{hint}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def options_class(name: str) -> type[MethodOptions]:
+    """The options dataclass of method ``name`` (KeyError as :func:`get_method_class`)."""
+    get_method_class(name)
+    return _OPTIONS[name]
+
+
+def parse_options(name: str, mapping: Mapping[str, Any] | None = None) -> MethodOptions:
+    """Method ``name``'s typed options from a plain mapping (e.g. ``cfg.method.options``);
+    missing keys take the defaults.
+
+    Raises:
+        KeyError: an unknown method. TypeError: an unknown option (with close matches).
+        OptionError (a ValueError): a value out of range or of the wrong kind, naming the option.
+    """
+    return resolve_options(options_class(name), None, mapping or {}, owner=f"method {name!r}")
+
+
+def build(name: str, /, *, options: MethodOptions | None = None, **kwargs: Any) -> DistillMethod:
+    """Construct method ``name``: ``build(name, teacher_channels=..., student_channels=..., **options)``
+    or with ``options=<its options dataclass>`` instead of option keywords.
+
+    Raises:
+        KeyError: an unknown method (close matches in the message); TypeError / ValueError from
+        the method's constructor (unknown option, bad channels or values).
+    """
+    cls = get_method_class(name)
+    if options is None:
+        return cls(**kwargs)
+    if not isinstance(options, _OPTIONS[name]):
+        raise TypeError(f"build({name!r}): options must be a {_OPTIONS[name].__name__}, got {type(options).__name__}")
+    return cls(options=options, **kwargs)

@@ -18,10 +18,16 @@ torchvision's COCO ``retinanet_resnet50_fpn`` / ``fcos_resnet50_fpn`` checkpoint
 are; ``extra_blocks_from="c5"`` builds the v2 / mmdetection RetinaNet layout (P6 from C5).
 Faster R-CNN taps C2-C5 and adds P6 by ``LastLevelMaxPool``. FPN levels are named by stride:
 ``p2``..``p6`` (Faster R-CNN), ``p3``..``p7`` (RetinaNet, FCOS), ``p_k`` having stride ``2**k``.
+
+The three architectures are registered in :mod:`acamkd.models.registry` at the end of this file
+(:class:`~acamkd.models.registry.ModelSpec`: builder, backbones, levels, taps, teacher pass, eval
+limits); :func:`build_detector` builds any registered detector, and :data:`DETECTOR_ARCHS` is read
+from the registry.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -39,6 +45,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from acamkd.models.registry import ModelSpec, get_model_spec, list_models, register_model
 from acamkd.models.taps import FeatureTaps
 from acamkd.models.weights import load_state_dict_file, load_weights_strict
 
@@ -47,13 +54,16 @@ __all__ = [
     "DETECTOR_BACKBONES",
     "DetectionTransform",
     "build_detector",
+    "build_fpn_detector",
     "detector_channels",
     "detector_taps",
+    "set_detector_eval_limits",
     "student_taps",
     "teacher_features",
 ]
 
-DETECTOR_ARCHS = ("retinanet", "fasterrcnn", "fcos")
+# DETECTOR_ARCHS (every registered detection model, in registration order) is read from the
+# registry on access: see __getattr__ at the end of this file.
 DETECTOR_BACKBONES: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
@@ -64,6 +74,7 @@ DETECTOR_BACKBONES: dict[str, Callable[..., torchvision.models.ResNet]] = {
 }
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+SIZE_DIVISIBLE = 32  # DetectionTransform pads the batch to a multiple of this (torchvision's default)
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -99,6 +110,31 @@ def build_detector(
     checkpoint: str | os.PathLike | None = None,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
+    **options: Any,
+) -> nn.Module:
+    """Build the registered detector ``arch`` (``retinanet``, ``fasterrcnn``, ``fcos``, ...) over ``backbone``.
+
+    ``num_classes`` = K + 1: index 0 is background, dataset labels are 1..K (the detection specs'
+    ``background_class`` convention). ``pretrained``/``checkpoint``: local weight files; ``min_size``,
+    ``max_size`` and ``options`` go to the spec's builder (for the torchvision family see
+    :func:`build_fpn_detector`). Raises :class:`~acamkd.models.registry.UnknownModelError` (a
+    ``ValueError``) for an unknown or non-detection ``arch``, ``ValueError`` for a backbone ``arch``
+    does not take (both name close matches).
+    """
+    spec = get_model_spec(arch, task="detection")
+    spec.check_backbone(backbone)
+    return spec.build(backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, min_size=min_size,
+                      max_size=max_size, **options)
+
+
+def build_fpn_detector(
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    pretrained: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
     *,
     trainable_backbone_layers: int | None = None,
     frozen_bn: bool | None = None,
@@ -107,10 +143,10 @@ def build_detector(
     checkpoint_key: str | None = None,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
-    size_divisible: int = 32,
+    size_divisible: int = SIZE_DIVISIBLE,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build ``arch`` ("retinanet" | "fasterrcnn" | "fcos") with an FPN over ``backbone``.
+    """The torchvision family's builder: ``arch`` ("retinanet" | "fasterrcnn" | "fcos") with an FPN over ``backbone``.
 
     ``num_classes`` = K + 1: index 0 is background, dataset labels are 1..K. ``pretrained``: a
     local torchvision ImageNet ResNet state dict for the backbone (``fc.*`` ignored, strict
@@ -124,7 +160,7 @@ def build_detector(
     resizing transform (then teacher and student must share ``min_size``/``max_size``).
     Other ``kwargs`` go to the torchvision class (``score_thresh``, ``box_score_thresh``, ...).
     """
-    _choose("architecture", arch, DETECTOR_ARCHS)
+    _choose("architecture", arch, tuple(_FPN_LEVELS))
     _choose("backbone", backbone, list(DETECTOR_BACKBONES))
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (K classes + background), got {num_classes!r}")
@@ -231,3 +267,41 @@ def teacher_features(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor
         if was_training:
             model.train()
     return {rename[f"backbone.{key}"]: value for key, value in feats.items()}
+
+
+def set_detector_eval_limits(model: nn.Module, score_thresh: float, max_detections: int) -> None:
+    """Set what an eval-mode forward keeps: boxes scoring at least ``score_thresh``, at most
+    ``max_detections`` per image (Faster R-CNN: on ``model.roi_heads``; RetinaNet/FCOS: on the model)."""
+    heads = model.roi_heads if hasattr(model, "roi_heads") else model
+    heads.score_thresh = score_thresh
+    heads.detections_per_img = max_detections
+
+
+# ------------------------------------------------------------------------------ registration
+# Default FPN levels (name -> stride) of each torchvision architecture built above.
+_P3_P7 = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}  # C3-C5 + LastLevelP6P7
+_FPN_LEVELS: dict[str, dict[str, int]] = {
+    "retinanet": _P3_P7,
+    "fasterrcnn": {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64},  # C2-C5 + LastLevelMaxPool
+    "fcos": _P3_P7,
+}
+_DESCRIPTIONS = {
+    "retinanet": "torchvision RetinaNet, FPN P3-P7 over a ResNet (one-stage, focal loss)",
+    "fasterrcnn": "torchvision Faster R-CNN, FPN P2-P6 over a ResNet (two-stage, RPN + RoI heads)",
+    "fcos": "torchvision FCOS, FPN P3-P7 over a ResNet (one-stage, anchor-free)",
+}
+for _arch, _levels in _FPN_LEVELS.items():
+    register_model(ModelSpec(
+        name=_arch, task="detection", backbones=tuple(DETECTOR_BACKBONES),
+        build=functools.partial(build_fpn_detector, _arch), levels=_levels, size_divisor=SIZE_DIVISIBLE,
+        background_class=True, default_taps=detector_taps, tap_channels=detector_channels,
+        teacher_features=teacher_features, set_eval_limits=set_detector_eval_limits,
+        description=_DESCRIPTIONS[_arch]))
+del _arch, _levels
+
+
+def __getattr__(name: str) -> Any:
+    """``DETECTOR_ARCHS``: every registered detection model, read from the registry on access."""
+    if name == "DETECTOR_ARCHS":
+        return tuple(list_models("detection"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

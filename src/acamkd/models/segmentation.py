@@ -46,18 +46,29 @@ Weights come from local files only (``encoder_weights=None`` always; nothing dow
 resnet101/mobilenet_v2().state_dict()`` keys; smp's encoders use the same names), loaded strictly
 into ``model.encoder`` with the classifier (``fc.*`` / ``classifier.*``) dropped; ``checkpoint`` is
 a whole-model state dict (as :meth:`Segmenter.state_dict` writes it), loaded strictly.
+
+Both architectures are registered in :mod:`acamkd.models.registry` at the end of this file (default
+tap ``"logits"`` at stride 8, no padding). segmentation-models-pytorch is imported only when a model
+is built, so registering (and importing this module) does not load it.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
-import segmentation_models_pytorch as smp
-from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.base import initialization as smp_init
 from torch import Tensor, nn
 
+from acamkd.models.registry import (
+    ModelSpec,
+    UnknownModelError,
+    did_you_mean,
+    get_model_spec,
+    list_models,
+    register_model,
+)
 from acamkd.models.weights import load_state_dict_file, load_weights_strict
 
 __all__ = [
@@ -70,12 +81,18 @@ __all__ = [
     "Segmenter",
     "FCNHead",
     "build_segmenter",
+    "build_smp_segmenter",
     "load_pretrained_encoder",
+    "segmenter_default_taps",
+    "segmenter_tap_channels",
     "segmenter_taps",
+    "segmenter_teacher_features",
 ]
 
-# arch -> supported backbones (smp encoder names, equal to torchvision's model names).
-SEGMENTER_ARCHS: dict[str, tuple[str, ...]] = {
+# This family's arch -> supported backbones (smp encoder names, equal to torchvision's model names),
+# registered below. SEGMENTER_ARCHS (every registered segmenter -> its backbones) is read from the
+# registry on access: see __getattr__ at the end of this file.
+_SMP_ARCHS: dict[str, tuple[str, ...]] = {
     "deeplabv3": ("resnet101", "resnet18", "mobilenet_v2"),
     "pspnet": ("resnet18",),
 }
@@ -179,11 +196,16 @@ class PSPDecoder(nn.Module):
         return self.bottleneck(torch.cat([x, *pooled], dim=1))  # (B, channels, h, w)
 
 
+def _check_names(arch: str, backbone: str, backbones: tuple[str, ...]) -> None:
+    if backbone not in backbones:
+        raise ValueError(f"{arch} supports backbones {list(backbones)}, got {backbone!r}"
+                         f"{did_you_mean(backbone, backbones, list_known=False)}")
+
+
 def _check(arch: str, backbone: str, num_classes: int, output_stride: int) -> None:
-    if arch not in SEGMENTER_ARCHS:
-        raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {sorted(SEGMENTER_ARCHS)}")
-    if backbone not in SEGMENTER_ARCHS[arch]:
-        raise ValueError(f"{arch} supports backbones {list(SEGMENTER_ARCHS[arch])}, got {backbone!r}")
+    if arch not in _SMP_ARCHS:
+        raise ValueError(f"unknown segmentation arch {arch!r} for build_smp_segmenter{did_you_mean(arch, _SMP_ARCHS)}")
+    _check_names(arch, backbone, _SMP_ARCHS[arch])
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if output_stride not in _ASPP_RATES:
@@ -204,16 +226,40 @@ def load_pretrained_encoder(model: Segmenter, path: str | os.PathLike) -> None:
 
 
 def build_segmenter(arch: str, backbone: str, num_classes: int = 19, pretrained: str | os.PathLike | None = None,
-                    checkpoint: str | os.PathLike | None = None, output_stride: int = 8,
-                    aux_head: bool | None = None) -> Segmenter:
-    """A :class:`Segmenter` for ``arch`` in :data:`SEGMENTER_ARCHS` with ``num_classes`` outputs.
+                    checkpoint: str | os.PathLike | None = None, **options: Any) -> nn.Module:
+    """Build the registered segmenter ``arch`` (``deeplabv3``, ``pspnet``, ...) with ``num_classes``
+    output logits (background, if the dataset has one, is one of them: no class is added).
+
+    ``pretrained``/``checkpoint``: local weight files; ``options`` go to the spec's builder (for
+    DeepLabV3/PSPNet: ``output_stride``, ``aux_head``, see :func:`build_smp_segmenter`). Raises
+    :class:`~acamkd.models.registry.UnknownModelError` (a ``ValueError``) for an unknown or
+    non-segmentation ``arch``, ``ValueError`` for a backbone it does not take (both name close matches).
+    """
+    known = list_models("segmentation")
+    if arch not in known:
+        raise UnknownModelError(f"unknown segmentation arch {arch!r}{did_you_mean(arch, known)}")
+    spec = get_model_spec(arch, task="segmentation")
+    _check_names(arch, backbone, spec.backbones)
+    return spec.build(backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, **options)
+
+
+def build_smp_segmenter(arch: str, backbone: str, num_classes: int = 19, pretrained: str | os.PathLike | None = None,
+                        checkpoint: str | os.PathLike | None = None, output_stride: int = 8,
+                        aux_head: bool | None = None) -> Segmenter:
+    """This family's builder: a :class:`Segmenter` for ``arch`` ("deeplabv3" | "pspnet") with
+    ``num_classes`` outputs, on a segmentation-models-pytorch encoder (imported here, on first build).
 
     ``pretrained``: local torchvision ImageNet weights for the encoder; ``checkpoint``: local
     whole-model weights (applied after ``pretrained``). Both load strictly; nothing downloads.
-    ``aux_head``: the auxiliary FCN head on layer3 (None: on for ResNet encoders, off for
-    MobileNetV2, as CIRKD trains them; MobileNetV2 has no layer3 to put it on).
+    ``output_stride``: 8 (default; the registered ``levels``) or 16. ``aux_head``: the auxiliary FCN
+    head on layer3 (None: on for ResNet encoders, off for MobileNetV2, as CIRKD trains them;
+    MobileNetV2 has no layer3 to put it on). ``ValueError`` for a bad name or value.
     """
     _check(arch, backbone, num_classes, output_stride)
+    import segmentation_models_pytorch as smp  # on demand: importing acamkd.models does not load smp
+    from segmentation_models_pytorch.base import initialization as smp_init
+    from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
+
     if aux_head is None:
         aux_head = _AUX_DEFAULT[backbone]
     if aux_head and not _AUX_DEFAULT[backbone]:
@@ -251,10 +297,56 @@ def segmenter_taps(model: Segmenter, encoder: bool = False, decoder: bool = Fals
     """``alias -> module path`` for :class:`acamkd.models.FeatureTaps`: ``"logits"`` (the stride-8
     class logits, the paper's tap) always; ``"decoder"`` and ``"encoder"`` (deepest stage) on request."""
     if not isinstance(model, Segmenter):
-        raise TypeError(f"segmenter_taps expects a model from build_segmenter, got {type(model).__name__}")
+        raise TypeError(f"segmenter_taps expects a model from build_segmenter, got {type(model).__name__}: "
+                        f"to distil another model, name its modules in student.taps / teacher.taps")
     taps = {"logits": "classifier"}
     if decoder:
         taps["decoder"] = "decoder"
     if encoder:
         taps["encoder"] = _DEEPEST[model.backbone]
     return taps
+
+
+def segmenter_default_taps(model: Segmenter) -> tuple[dict[str, str], dict[str, str]]:
+    """``(taps, rename)`` for :class:`~acamkd.models.FeatureTaps`: ``({"logits": "classifier"}, {})``."""
+    return segmenter_taps(model), {}
+
+
+def segmenter_tap_channels(model: Segmenter) -> dict[str, int]:
+    """``{"logits": K}``: the default tap's channels are the class count (no forward needed)."""
+    segmenter_taps(model)  # TypeError for a model that is not a Segmenter
+    return {"logits": model.num_classes}
+
+
+@torch.no_grad()
+def segmenter_teacher_features(model: Segmenter, images: Tensor) -> dict[str, Tensor]:
+    """``{"logits": (B, K, ceil(H/8), ceil(W/8))}`` for normalised ``images`` (B, 3, H, W): encoder,
+    decoder and classifier only (no upsampling), no grad, eval mode (the model's mode is restored)."""
+    segmenter_taps(model)  # TypeError for a model that is not a Segmenter
+    was_training = model.training
+    model.eval()
+    try:
+        return {"logits": model.logits(images)}
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------ registration
+_DESCRIPTIONS = {
+    "deeplabv3": "DeepLabV3 (ASPP) at output stride 8 on an smp encoder, CIRKD's heads",
+    "pspnet": "PSPNet (pyramid pooling) on the full dilated ResNet-18 at output stride 8, CIRKD's heads",
+}
+for _arch, _backbones in _SMP_ARCHS.items():
+    register_model(ModelSpec(
+        name=_arch, task="segmentation", backbones=_backbones, build=functools.partial(build_smp_segmenter, _arch),
+        levels={"logits": 8}, size_divisor=1, background_class=False, default_taps=segmenter_default_taps,
+        tap_channels=segmenter_tap_channels, teacher_features=segmenter_teacher_features,
+        description=_DESCRIPTIONS[_arch]))
+del _arch, _backbones
+
+
+def __getattr__(name: str) -> Any:
+    """``SEGMENTER_ARCHS``: every registered segmenter -> its backbones, read from the registry on access."""
+    if name == "SEGMENTER_ARCHS":
+        return {arch: get_model_spec(arch).backbones for arch in list_models("segmentation")}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,237 @@
+"""The experiment runner: cache keyed by the resolved config, resume, dependency order, tables."""
+import json
+import math
+import os
+
+import pytest
+
+from acamkd.config import load_config
+from acamkd.demo import TASKS
+from acamkd.engine import run as engine
+from acamkd.experiments import (MARKER, Run, aggregate, format_table, markdown_table, run_all, run_key,
+                                write_results)
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo")
+SMOKE = TASKS["det"].profiles["smoke"]
+
+
+def smoke(tmp_path, role="student", out="student", *extra):
+    """The demo's smoke-sized detection config for ``role`` (a validated Config; nothing is built)."""
+    extra = [*extra, f"teacher.checkpoint={tmp_path / 'teacher' / 'last.pt'}"] if role == "acam" else list(extra)
+    return load_config(f"{DEMO}/shapes_det_{role}.yaml", [*SMOKE, f"data.root={tmp_path / 'data'}",
+                                                          f"train.output_dir={tmp_path / out}", *extra])
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """Replace train and distill with fakes that write what a finished run writes; record calls."""
+    calls = []
+
+    def finish(kind, cfg, resume, **kw):
+        calls.append((kind, os.path.basename(cfg.train.output_dir), resume, kw))
+        out = cfg.train.output_dir
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "last.pt"), "wb").close()
+        with open(os.path.join(out, "final_metrics.json"), "w") as f:
+            json.dump({"step": 2, "AP": 0.25, "AP50": 0.5, "APs": -1.0, "lr_seen": cfg.train.lr}, f)
+        with open(os.path.join(out, "timing.json"), "w") as f:
+            json.dump({"sec_per_step": 0.5, "steps_timed": 2}, f)
+        return {}
+
+    monkeypatch.setattr(engine, "train", lambda cfg, resume=False: finish("train", cfg, resume))
+    monkeypatch.setattr(engine, "distill", lambda cfg, resume=False, eval_teacher=None:
+                        finish("distill", cfg, resume, eval_teacher=eval_teacher))
+    return calls
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
+    cfg = smoke(tmp_path)
+    [first] = run_all([Run("student", "train", cfg)])  # the real engine: a few seconds
+    assert first.status == "ran" and first.metrics["step"] == 2 and "AP" in first.metrics
+    assert first.metrics["sec_per_step"] > 0
+    marker = json.loads((tmp_path / "student" / MARKER).read_text())
+    assert marker["status"] == "finished" and marker["sha256"] == first.key
+    assert marker["config"]["train"]["output_dir"] == str(tmp_path / "student")
+
+    calls = []
+    monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a))
+    [again] = run_all([Run("student", "train", smoke(tmp_path))])  # an equal config, built anew
+    assert calls == [] and again.status == "cached" and again.metrics == first.metrics
+
+
+def test_a_folder_holding_another_config_is_moved_aside_not_reused(tmp_path, fake_engine):
+    run_all([Run("student", "train", smoke(tmp_path))])
+    [res] = run_all([Run("student", "train", smoke(tmp_path, "student", "student", "train.lr=0.001"))])
+    assert [c[:3] for c in fake_engine] == [("train", "student", False), ("train", "student", False)]
+    assert res.status == "ran" and res.metrics["lr_seen"] == 0.001
+    old = json.loads((tmp_path / "student.stale-1" / MARKER).read_text())  # the first run, untouched
+    assert old["config"]["train"]["lr"] == 0.01 and (tmp_path / "student.stale-1" / "final_metrics.json").exists()
+    assert json.loads((tmp_path / "student" / MARKER).read_text())["config"]["train"]["lr"] == 0.001
+    # a third config: the next free name
+    run_all([Run("student", "train", smoke(tmp_path, "student", "student", "train.lr=0.002"))])
+    assert (tmp_path / "student.stale-2" / MARKER).exists()
+
+
+def test_a_folder_the_runner_did_not_write_is_moved_aside(tmp_path, fake_engine):
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "last.pt").write_bytes(b"someone else's")
+    [res] = run_all([Run("student", "train", smoke(tmp_path))])
+    assert res.status == "ran" and fake_engine[0][2] is False
+    assert (tmp_path / "student.stale-1" / "last.pt").read_bytes() == b"someone else's"
+
+
+def test_a_run_killed_mid_way_is_resumed(tmp_path, fake_engine):
+    cfg = smoke(tmp_path)
+    [done] = run_all([Run("student", "train", cfg)])
+    marker = json.loads((tmp_path / "student" / MARKER).read_text())
+    # as a kill leaves it: the marker says started, a checkpoint, no final metrics
+    (tmp_path / "student" / MARKER).write_text(json.dumps({**marker, "status": "started"}))
+    (tmp_path / "student" / "final_metrics.json").unlink()
+    [res] = run_all([Run("student", "train", cfg)])
+    assert fake_engine[-1][:3] == ("train", "student", True) and res.status == "resumed"
+    assert res.key == done.key and json.loads((tmp_path / "student" / MARKER).read_text())["status"] == "finished"
+    # killed before its first checkpoint: nothing to resume, started over in a clean folder
+    (tmp_path / "student" / MARKER).write_text(json.dumps({**marker, "status": "started"}))
+    (tmp_path / "student" / "last.pt").unlink()
+    [res] = run_all([Run("student", "train", cfg)])
+    assert fake_engine[-1][:3] == ("train", "student", False) and res.status == "ran"
+    assert (tmp_path / "student.stale-1").is_dir()
+
+
+@pytest.mark.slow
+def test_a_really_interrupted_run_resumes_to_the_end(tmp_path, monkeypatch):
+    from acamkd.engine.trainer import Trainer
+
+    cfg = smoke(tmp_path, "student", "student", "train.iterations=3", "train.steps=[2]", "train.checkpoint_every=1")
+    save = Trainer.save
+
+    def killed_after_checkpoint_two(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.step == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "save", killed_after_checkpoint_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([Run("student", "train", cfg)])
+    assert json.loads((tmp_path / "student" / MARKER).read_text())["status"] == "started"
+    assert not (tmp_path / "student" / "final_metrics.json").exists()
+    monkeypatch.setattr(Trainer, "save", save)
+    [res] = run_all([Run("student", "train", cfg)])
+    assert res.status == "resumed" and res.metrics["step"] == 3
+    lines = (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"] == [1, 2, 3]
+
+
+def test_the_old_demo_marker_counts_as_finished(tmp_path, fake_engine):
+    from acamkd.config import to_dict
+
+    cfg = smoke(tmp_path)
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps(to_dict(cfg)))
+    (out / "final_metrics.json").write_text(json.dumps({"step": 2, "AP": 0.1}))
+    [res] = run_all([Run("student", "train", cfg)])
+    assert fake_engine == [] and res.status == "cached" and res.metrics == {"step": 2, "AP": 0.1}
+    assert json.loads((out / MARKER).read_text())["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------ dependencies
+
+
+def test_distillation_runs_after_its_teacher_and_follows_it(tmp_path, fake_engine):
+    runs = [Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"]),
+            Run("student", "train", smoke(tmp_path)),
+            Run("teacher", "train", smoke(tmp_path, "teacher", "teacher"))]
+    results = run_all(runs)
+    assert [c[:2] for c in fake_engine] == [("train", "teacher"), ("distill", "acam"), ("train", "student")]
+    assert fake_engine[1][3] == {"eval_teacher": False}
+    assert [r.run.name for r in results] == ["acam", "student", "teacher"]  # input order
+    assert results[0].key == run_key(runs[0], {runs[2].id: results[2].key})
+    # the teacher's config changes: the teacher and the ACAM run (same config, new teacher) run again
+    fake_engine.clear()
+    runs[2] = Run("teacher", "train", smoke(tmp_path, "teacher", "teacher", "train.lr=0.001"))
+    run_all(runs)
+    assert [c[:2] for c in fake_engine] == [("train", "teacher"), ("distill", "acam")]
+    assert (tmp_path / "acam.stale-1").is_dir() and (tmp_path / "teacher.stale-1").is_dir()
+
+
+def test_a_need_resolves_to_the_same_seed_or_to_the_only_run(tmp_path, fake_engine):
+    runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher"))]
+    runs += [Run("acam", "distill", smoke(tmp_path, "acam", f"acam{s}", f"train.seed={s}"), needs=["teacher"])
+             for s in (1, 2)]
+    results = run_all(runs)
+    assert [r.run.seed for r in results] == [0, 1, 2] and fake_engine[0][:2] == ("train", "teacher")
+
+
+def test_bad_run_sets_are_refused_before_anything_runs(tmp_path, fake_engine):
+    s, t = smoke(tmp_path), smoke(tmp_path, "teacher", "teacher")
+    with pytest.raises(ValueError, match="not among the runs"):
+        run_all([Run("s", "train", s, needs=["nobody"])])
+    with pytest.raises(ValueError, match="cycle"):
+        run_all([Run("s", "train", s, needs=["t"]), Run("t", "train", t, needs=["s"])])
+    with pytest.raises(ValueError, match="share train.output_dir"):
+        run_all([Run("s", "train", s), Run("t", "train", smoke(tmp_path, "teacher", "student"))])
+    with pytest.raises(ValueError, match="same name and seed|with seed 0"):
+        run_all([Run("s", "train", s), Run("s", "train", t)])
+    with pytest.raises(ValueError, match="kind"):
+        Run("s", "eval", s)
+    assert fake_engine == []
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def test_seeds_of_a_row_aggregate_to_mean_and_sample_std():
+    per_seed = {
+        "acam": {0: {"AP": 0.30, "APs": -1.0, "sec_per_step": 1.0}, 1: {"AP": 0.32, "APs": -1.0, "sec_per_step": 2.0},
+                 2: {"AP": 0.34, "APs": -1.0, "sec_per_step": 4.0}},
+        "student": {5: {"AP": 0.2, "sec_per_step": 1.5}, 3: {"AP": 0.1, "sec_per_step": 0.5}},
+        "teacher": {0: {"AP": 0.4, "APs": 0.05, "sec_per_step": 3.0, "note": "text", "flag": True}},
+    }
+    stats = aggregate(per_seed)
+    # AP 0.30/0.32/0.34: mean 0.32, deviations -0.02/0/0.02, sum of squares 0.0008 / (3 - 1) -> std 0.02
+    assert stats["acam"]["mean"]["AP"] == pytest.approx(0.32) and stats["acam"]["std"]["AP"] == pytest.approx(0.02)
+    # s/step 1/2/4: mean 7/3, squares (16 + 1 + 25) / 9 / 2 = 7/3 -> std sqrt(7/3)
+    assert stats["acam"]["mean"]["sec_per_step"] == pytest.approx(7 / 3)
+    assert stats["acam"]["std"]["sec_per_step"] == pytest.approx(math.sqrt(7 / 3))
+    # two seeds 0.1/0.2: mean 0.15, std sqrt(2 * 0.05^2 / 1) = 0.0707...
+    assert stats["student"]["seeds"] == [3, 5] and stats["student"]["n"] == 2
+    assert stats["student"]["std"]["AP"] == pytest.approx(0.05 * math.sqrt(2))
+    assert stats["teacher"]["std"]["AP"] is None and set(stats["teacher"]["mean"]) == {"AP", "APs", "sec_per_step"}
+    assert markdown_table(stats, ("AP", "APs")).splitlines() == [
+        "| model | AP | APs | train s/step |",
+        "|---|---|---|---|",
+        "| acam (n=3) | 32.0 ± 2.0 | - | 2.33 ± 1.53 |",
+        "| student (n=2) | 15.0 ± 7.1 | - | 1.00 ± 0.71 |",
+        "| teacher | 40.0 | 5.0 | 3.00 |",
+    ]
+
+
+def test_one_seed_table_is_the_demo_table():
+    rows = {"teacher (retinanet resnet50)": {"AP": 0.088, "AP50": 0.2, "APs": -1.0, "APm": 0.1, "APl": 0.0,
+                                             "sec_per_step": 2.346},
+            "student + ACAM-KD": {"AP": 0.067}}
+    assert format_table(rows).splitlines() == [
+        "| model | AP | AP50 | APs | APm | APl | train s/step |",
+        "|---|---|---|---|---|---|---|",
+        "| teacher (retinanet resnet50) | 8.8 | 20.0 | - | 10.0 | 0.0 | 2.35 |",
+        "| student + ACAM-KD | 6.7 | - | - | - | - | - |",
+    ]
+
+
+def test_results_are_written_as_markdown_and_json(tmp_path, fake_engine):
+    runs = [Run("student", "train", smoke(tmp_path, "student", f"s{s}", f"train.seed={s}")) for s in (0, 1)]
+    results = run_all(runs)
+    md, js = write_results(tmp_path / "out" / "results", results, ("AP", "APs"), header="two seeds")
+    assert md.read_text() == ("two seeds\n\n| model | AP | APs | train s/step |\n|---|---|---|---|\n"
+                              "| student (n=2) | 25.0 ± 0.0 | - | 0.50 ± 0.00 |\n")
+    data = json.loads(js.read_text())
+    assert data["columns"] == ["AP", "APs"]
+    row = data["rows"]["student"]
+    assert row["n"] == 2 and row["seeds"] == [0, 1] and row["mean"]["AP"] == 0.25 and row["std"]["AP"] == 0.0
+    assert set(row["runs"]) == {"0", "1"} and row["runs"]["1"]["metrics"]["AP"] == 0.25
+    assert row["runs"]["0"]["status"] == "ran" and row["runs"]["0"]["output_dir"] == str(tmp_path / "s0")
