@@ -614,6 +614,13 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
     except methods.OptionError as err:  # a range check of the options dataclass
         key = f"method.options.{err.option}"
         raise ConfigError(f"{key}: {err.reason}{ctx.where(key)}") from None
+    except ConfigError as err:
+        if not str(err).startswith("unknown key"):
+            raise
+        # Often the options of the base config's method, after method.name was overridden.
+        raise ConfigError(f"{err}; they are not options of method {name!r} (method.name{ctx.where('method.name')}): "
+                          f"to replace the whole section, override method.options={{}} or "
+                          f"method.options={{key: value, ...}}") from None
     cfg.method.options = {k: getattr(typed, k) for k in cfg.method.options}
     return []
 

@@ -108,7 +108,7 @@ class TrainingStep:
         losses = self.losses(batch)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise NonFiniteLoss({k: float(v) for k, v in losses.items()})
+            raise NonFiniteLoss({k: float(v.detach()) for k, v in losses.items()})
         self.scaler.scale(total / divisor).backward()
         return {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
 
