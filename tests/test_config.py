@@ -89,8 +89,9 @@ def test_paper_coco_settings(arch, lr, teacher):
     assert (t.grad_clip, t.warmup_iters, t.warmup_ratio) == (35.0, 500, 0.001)
     assert t.inherit_teacher and t.eval_teacher_first
     assert cfg.method.name == "acam"
-    assert cfg.method.options == {"num_masks": 6, "alpha": 1.0, "lam": 1.0, "query": "teacher",
-                                  "channel_mask": "paper", "mask_norm": "mass", "masks": "both"}
+    assert cfg.method.options == {"num_masks": 6, "alpha": 1.0, "lam": 1.0, "query": "teacher",  # as given,
+                                  "channel_mask": "paper", "mask_norm": "mass", "masks": "both",
+                                  "init_std": 0.01, "attention_layout": "split", "check_finite": True}  # + defaults
     assert cfg.student.backbone == "resnet50" and cfg.student.arch == cfg.teacher.arch == arch
     assert cfg.teacher.backbone == {"r101": "resnet101", "x101": "resnext101_64x4d"}[teacher]
     assert cfg.teacher.checkpoint is None  # given on the command line; `distill` refuses without it
@@ -149,7 +150,8 @@ def test_override_replaces_a_whole_section_or_removes_it():
                       ["teacher=null", "method.name=null", "train.inherit_teacher=false"])
     assert cfg.teacher is None and cfg.method.name is None
     cfg = load_config(str(CONFIGS / "demo/shapes_det_acam.yaml"), ["method.options={num_masks: 3}"])
-    assert cfg.method.options == {"num_masks": 3}
+    assert cfg.method.options["num_masks"] == 3 and cfg.method.options["alpha"] == 1.0  # the rest: defaults
+    assert cfg.method.options["channel_mask"] == "paper"
     cfg = minimal(["train.epochs=null", "train.iterations=300", "train.steps=[200, 250]"])
     assert (cfg.train.epochs, cfg.train.iterations) == (None, 300)
 
@@ -456,3 +458,40 @@ def test_every_shipped_config_names_models_the_builders_accept():
                 assert m.backbone in DETECTOR_BACKBONES, (path.name, m.backbone)
             else:
                 assert m.backbone in SEGMENTER_ARCHS[m.arch], (path.name, m.arch, m.backbone)
+
+
+# ------------------------------------------------------------- segmentation batch of one (6d)
+SEG = ["student.task=segmentation", "student.arch=deeplabv3", "student.backbone=mobilenet_v2",
+       "data.dataset=cityscapes"]
+
+
+@pytest.mark.parametrize("arch,backbone", [("deeplabv3", "mobilenet_v2"), ("pspnet", "resnet18")])
+def test_segmentation_batch_of_one_named_with_what_to_do(arch, backbone):
+    msg = error_of(minimal, [*SEG, f"student.arch={arch}", f"student.backbone={backbone}", "data.batch_size=1"])
+    line = next(ln for ln in msg.splitlines() if ln.strip().startswith("data.batch_size:"))
+    assert f"segmentation student ({arch}) trains BatchNorm on 1x1 pooled maps" in line
+    assert "set data.batch_size=2 or more" in line and "per micro-batch" in line and "eval.batch_size=1" in line
+    assert line.endswith("(from override 'data.batch_size=1')"), line
+
+
+def test_segmentation_batch_of_one_points_at_the_file_line(tmp_path):
+    path = write(tmp_path, "seg.yaml", """\
+        student:
+          task: segmentation
+          arch: deeplabv3
+          backbone: mobilenet_v2
+        data:
+          dataset: cityscapes
+          batch_size: 1
+        """)
+    msg = error_of(load_config, str(path))
+    assert "data.batch_size: is 1, but the segmentation student" in msg
+    assert f"(at {path}:7)" in msg.splitlines()[1], msg
+
+
+def test_segmentation_batch_of_one_rule_leaves_the_rest_alone():
+    assert minimal([*SEG, "data.batch_size=2"]).data.batch_size == 2
+    assert minimal([*SEG, "data.batch_size=2", "train.accumulate=4", "eval.batch_size=1"]).eval.batch_size == 1
+    assert minimal(["data.batch_size=1"]).data.batch_size == 1  # detectors: no pooled BatchNorm
+    msg = error_of(minimal, [*SEG, "data.batch_size=1", "train.accumulate=8"])  # accumulation does not help
+    assert "data.batch_size: is 1" in msg

@@ -43,9 +43,13 @@ def test_detection_distill_batch_is_in_the_frame_of_the_fpn():
     feats = task.teacher_forward(model.eval(), None, images)  # the registry's cheap pass
     grids = {name: tuple(f.shape[-2:]) for name, f in feats.items()}
     assert grids["p3"] == (8, 12) and grids["p4"] == (4, 6) and grids["p5"] == (2, 3)
-    on_p3 = facts.boxes_on_grid(grids["p3"])
+    on_p3 = facts.boxes_at_stride(8)
     assert torch.equal(on_p3[0], torch.tensor([[1.0, 2.0, 5.0, 6.0]]))  # x / 8, y / 8
     assert torch.equal(on_p3[1][0], torch.tensor([0.0, 0.0, 6.25, 8.0]))
+    # P7 (stride 128) has a 1x1 grid on a 64x96 input: the cell covers 128 pixels, so boxes scale by 1/128
+    # (not by grid / input size, which would be 1/64 and 1/96)
+    assert grids["p7"] == (1, 1)
+    assert torch.equal(facts.boxes_at_stride(128)[0], torch.tensor([[8.0, 16.0, 40.0, 48.0]]) / 128)
 
 
 def test_segmentation_distill_batch_carries_the_label_map():
@@ -56,7 +60,7 @@ def test_segmentation_distill_batch_carries_the_label_map():
     assert facts.input_size == (48, 64) and facts.image_sizes == [(48, 64)] * 2
     assert facts.label_map is labels and facts.ignore_index == 255 and facts.boxes is None
     with pytest.raises(ValueError, match="no boxes"):
-        facts.boxes_on_grid((6, 8))
+        facts.boxes_at_stride(8)
 
 
 def test_distill_batch_refuses_inconsistent_facts():

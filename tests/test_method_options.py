@@ -2,6 +2,8 @@
 and ``method.options`` checked at config load time with named keys and origins."""
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import textwrap
 from pathlib import Path
@@ -162,9 +164,12 @@ def test_unknown_method_name():
     assert "from override 'method.name=acm'" in msg
 
 
-def test_options_stay_a_plain_dict_of_the_given_keys_converted():
+def test_options_become_the_complete_plain_dict_converted():
+    """The resolved config records every option the method uses, defaults included (config.yaml,
+    experiment cache keys and resume checks compare it)."""
     cfg = load_config(DEMO, ["method.options={num_masks: 3, alpha: 2, init_std: 1e-3}"])
-    assert cfg.method.options == {"num_masks": 3, "alpha": 2.0, "init_std": 0.001}
+    assert cfg.method.options == {**dataclasses.asdict(ACAMOptions()), "num_masks": 3, "alpha": 2.0,
+                                  "init_std": 0.001}
     assert type(cfg.method.options) is dict and type(cfg.method.options["alpha"]) is float
     assert parse_options("acam", cfg.method.options) == ACAMOptions(num_masks=3, alpha=2.0, init_std=0.001)
     assert config_from_dict(to_dict(cfg)) == cfg
@@ -176,10 +181,21 @@ def test_round_trip_through_yaml(tmp_path):
     assert load_config(str(tmp_path / "resolved.yaml")) == cfg
 
 
-def test_no_method_keeps_options_free_form():
+def test_no_method_keeps_options_free_form_with_a_warning(caplog):
     cfg = load_config(DEMO, ["method.name=null", "teacher=null", "train.inherit_teacher=false",
                              "method.options.anything=1"])
     assert cfg.method.options["anything"] == 1
+    assert "are ignored: method.name is null" in caplog.text
+
+
+def test_options_of_another_method_say_how_to_replace_the_section():
+    msg = error_of("method.name=toy_l1")  # the demo config's ACAM options stay
+    assert "are not options of method 'toy_l1'" in msg and "method.options={}" in msg
+    assert "from override 'method.name=toy_l1'" in msg
+
+
+def test_a_typo_gets_no_replace_the_section_advice():
+    assert "not options of method" not in error_of("method.options.num_mask=6")
 
 
 # ---------------------------------------------------------------------------------------- CLI

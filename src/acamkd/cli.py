@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML config (see configs/)")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.root=/data/coco")
         if name in ("train", "distill"):
-            sub.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.pt")
+            mode = sub.add_mutually_exclusive_group()
+            mode.add_argument("--resume", action="store_true",
+                              help="continue the run in train.output_dir from its last checkpoint")
+            mode.add_argument("--overwrite", action="store_true",
+                              help="delete the run already in train.output_dir and start over")
         if name == "distill":
             sub.add_argument("--no-eval-teacher", dest="eval_teacher", action="store_false", default=None,
                              help="skip evaluating the teacher before distilling")
@@ -67,9 +71,9 @@ def _run_job(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     if args.command == "train":
-        result = run.train(cfg, resume=args.resume)
+        result = run.train(cfg, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "distill":
-        result = run.distill(cfg, resume=args.resume, eval_teacher=args.eval_teacher)
+        result = run.distill(cfg, resume=args.resume, eval_teacher=args.eval_teacher, overwrite=args.overwrite)
     elif args.command == "eval":
         result = run.evaluate(cfg, args.checkpoint)
     else:
@@ -80,18 +84,36 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
-# Bad configs, files, checkpoints and diverged losses: the message says what and where.
-_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+# Bad configs, files, checkpoints, disks and diverged losses: the message says what and where.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return " ".join(["acamkd", *map(shlex.quote, argv), "--resume"])
 
 
 def _guarded(command: str, job) -> int:
-    """Run ``job()``; a user error prints one named message (no traceback) and exits 1."""
+    """Run ``job()``; a user error prints one named message (no traceback) and exits 1; a stop
+    signal that saved a checkpoint prints how to resume and exits 128 + the signal number."""
+    from acamkd.engine.trainer import TrainingInterrupted
+    from acamkd.errors import user_message
+
     try:
         return job()
+    except TrainingInterrupted as stop:
+        print(f"acamkd {command}: {stop}. Resume with:\n  {_resume_command()}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print(f"acamkd {command}: interrupted before training started (nothing to save)", file=sys.stderr)
+        return 130
     except _USER_ERRORS as err:
         if os.environ.get("ACAMKD_TRACEBACK"):
             raise
-        print(f"acamkd {command}: {type(err).__name__}: {err}\n"
+        print(f"acamkd {command}: {type(err).__name__}: {user_message(err)}\n"
               f"(set ACAMKD_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
 

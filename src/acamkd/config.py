@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import logging
 import math
 import os
 import re
@@ -31,7 +32,7 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = [
-    "ARCHS_BY_TASK", "TASKS_BY_DATASET", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "ARCHS_BY_TASK", "TASKS_BY_DATASET", "Config", "ConfigError", "check_schema", "DataConfig", "EvalConfig",
     "MethodConfig", "ModelConfig", "ShapesConfig", "TrainConfig", "apply_overrides", "config_from_dict",
     "dump_yaml", "load_config", "parse_override", "to_dict", "validate",
 ]
@@ -218,6 +219,37 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def check_schema(cls: type, prefix: str = "") -> None:
+    """Raise ``TypeError`` naming the first field of dataclass ``cls`` whose annotation the config
+    cannot check: fields must be bool, int, float, str, ``Any``, ``Literal[...]``, ``list[X]``,
+    ``dict[str, X]``, a nested dataclass, or ``X | None`` of those (what YAML can express)."""
+
+    def ok(tp: Any) -> bool:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp in _SCALARS or tp is Any or tp is _NONE or tp is dict or dataclasses.is_dataclass(tp):
+            return True
+        if origin is Literal:
+            return all(isinstance(a, _SCALARS) for a in args)
+        if origin is list:
+            return not args or ok(args[0])
+        if origin is dict:
+            return not args or (args[0] is str and ok(args[1]))
+        if origin in (Union, types.UnionType):
+            return all(ok(a) for a in args)
+        return False
+
+    for name, tp in _hints(cls).items():
+        if not ok(tp):
+            raise TypeError(f"{cls.__name__}.{prefix}{name}: annotation {tp!r} cannot be checked in a config; use "
+                            f"bool, int, float, str, Literal[...], list[X], dict[str, X], a dataclass, or X | None")
+        inner = _unwrap(tp)
+        if inner is not None:
+            check_schema(inner, f"{prefix}{name}.")
 
 
 def _mismatch(tp: Any, value: Any, key: str, ctx: _Ctx, hint: str = "") -> ConfigError:
@@ -553,6 +585,12 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
                             ("eval.max_detections", e.max_detections, 1)):
         if value < low:
             p.append((key, f"must be >= {low}, got {value}"))
+    if cfg.student.task == "segmentation" and d.batch_size == 1:  # BatchNorm over one value per channel fails
+        p.append(("data.batch_size", (f"is 1, but the segmentation student ({cfg.student.arch}) trains BatchNorm on "
+                                      f"1x1 pooled maps (ASPP image pooling, PSP bin 1), which needs >= 2 images per "
+                                      f"process: set data.batch_size=2 or more (train.accumulate does not help, "
+                                      f"the rule holds per micro-batch; lower data.crop to save memory). To "
+                                      f"evaluate one image at a time, set eval.batch_size=1 instead")))
     if e.batch_size is not None and e.batch_size < 1:
         p.append(("eval.batch_size", f"must be >= 1 or null (data.batch_size), got {e.batch_size}"))
     if d.max_size < d.min_size:
@@ -599,29 +637,38 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
     """``method.name`` must be registered (a problem, with close matches); ``method.options`` are
     checked against that method's options dataclass with the same machinery as every section
     (unknown key, type, range: one ConfigError naming ``method.options.<key>`` and its origin)
-    and kept as a plain dict of the given keys, converted (``1`` -> ``1.0`` for a float)."""
+    and replaced by the complete options, defaults included, so the resolved config (``config.yaml``,
+    experiment cache keys, resume checks) records every value the method uses."""
     name = cfg.method.name
     if name is None:
-        return []  # no method: the options are free-form and unused
+        if cfg.method.options:
+            logging.getLogger("acamkd").warning(
+                "method.options %s%s are ignored: method.name is null (no distillation)",
+                sorted(cfg.method.options), ctx.where("method.options"))
+        return []
     from acamkd import methods  # imports torch: only here, when a config names a method
 
     if name not in methods.available():
         close = difflib.get_close_matches(name, methods.available(), n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         return [("method.name", f"unknown method {name!r}; {hint}registered: {', '.join(methods.available())}")]
+    options_cls = methods.options_class(name)
+    fields = [f.name for f in dataclasses.fields(options_cls) if f.init]
+    foreign = [k for k in cfg.method.options if k not in fields]
+    if foreign and not any(difflib.get_close_matches(str(k), fields, n=1) for k in foreign):
+        # Not typos: most often the options of another method (a base config's), after method.name
+        # was changed. Say so, and how to replace the section.
+        key = f"method.options.{foreign[0]}"
+        raise ConfigError(f"method.options {foreign} are not options of method {name!r} (method.name"
+                          f"{ctx.where('method.name')}; options{ctx.where(key)}); {name!r} has: {', '.join(fields)}. "
+                          f"To replace the whole section, override method.options={{}} or method.options={{key: "
+                          f"value, ...}} (in a YAML file: _replace_: true under options)")
     try:
-        typed = _from_mapping(methods.options_class(name), cfg.method.options, "method.options", ctx)
+        typed = _from_mapping(options_cls, cfg.method.options, "method.options", ctx)
     except methods.OptionError as err:  # a range check of the options dataclass
         key = f"method.options.{err.option}"
         raise ConfigError(f"{key}: {err.reason}{ctx.where(key)}") from None
-    except ConfigError as err:
-        if not str(err).startswith("unknown key"):
-            raise
-        # Often the options of the base config's method, after method.name was overridden.
-        raise ConfigError(f"{err}; they are not options of method {name!r} (method.name{ctx.where('method.name')}): "
-                          f"to replace the whole section, override method.options={{}} or "
-                          f"method.options={{key: value, ...}}") from None
-    cfg.method.options = {k: getattr(typed, k) for k in cfg.method.options}
+    cfg.method.options = {k: getattr(typed, k) for k in fields}
     return []
 
 

@@ -15,8 +15,8 @@ It prints images/s and peak memory of each, and the ratio ``distill / (student +
 (the detection issue's goal: at most 1.15). Each variant runs in its own process. Without a
 CONFIG, ``--task det`` uses ``configs/det/retinanet_r101_r50_acam.yaml`` (800x1333, batch 2)
 and ``--task seg`` ``configs/seg/r101_deeplabv3_r18_acam.yaml`` (512x1024, batch 8);
-``--arch``/``--student``/``--teacher`` are shortcuts for ``student.arch``, ``student.backbone``
-and ``teacher.backbone`` overrides. Models have 80 classes (det) or 19 (seg).
+``--arch``/``--student``/``--teacher`` are shortcuts for ``student.arch`` (and, for detection,
+``teacher.arch``), ``student.backbone`` and ``teacher.backbone`` overrides. Models have 80 classes (det) or 19 (seg).
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--task", choices=("det", "seg"), default="det",
                         help="which default config: det (RetinaNet R101 -> R50, 800x1333, batch 2) or seg "
                              "(DeepLabV3 R101 -> R18, 19 classes, 512x1024, batch 8)")
-    parser.add_argument("--arch", default=None, help="shortcut for student.arch=ARCH")
+    parser.add_argument("--arch", default=None,
+                        help="det: shortcut for student.arch=ARCH teacher.arch=ARCH; seg: student.arch=ARCH "
+                             "(the teacher stays the config's)")
     parser.add_argument("--teacher", default=None, help="shortcut for teacher.backbone=NAME")
     parser.add_argument("--student", default=None, help="shortcut for student.backbone=NAME")
     parser.add_argument("--image", default=None, help="HEIGHTxWIDTH of the random images")
@@ -67,7 +69,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def bench_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides a bench applies to its config: the shortcuts, bf16, the bench's optimizer settings."""
     out = list(args.overrides or [])
-    for flag, key in (("arch", "student.arch"), ("student", "student.backbone"), ("teacher", "teacher.backbone")):
+    if args.arch:  # detection: one architecture for both (their FPN levels must pair up); segmentation:
+        out.append(f"student.arch={args.arch}")  # the student only (logits pair up across architectures)
+        if getattr(args, "task", "det") == "det":
+            out.append(f"teacher.arch={args.arch}")
+    for flag, key in (("student", "student.backbone"), ("teacher", "teacher.backbone")):
         if getattr(args, flag):
             out.append(f"{key}={getattr(args, flag)}")
     if args.dtype == "bf16":
@@ -112,10 +118,11 @@ def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     info = DistInfo(device=device)
     task = build_task(cfg, info)
     mode = "train" if variant == "student" else "distill"
-    models = build_models(cfg, task, mode, spec["classes"], random_init=True)
-    step = build_step(cfg, task, models, info, total_steps=10**6)
     batch = task.random_batch(spec["batch"], tuple(spec["image"]), spec["classes"],
                               torch.Generator().manual_seed(0))
+    first_image = (lambda: [task.to_device(batch, torch.device("cpu"))[0][0]])  # for configured taps' channels
+    models = build_models(cfg, task, mode, spec["classes"], sample=first_image, random_init=True)
+    step = build_step(cfg, task, models, info, total_steps=10**6)
     if models.teacher is not None:
         images, _ = task.to_device(batch, device)
         _calibrate_batchnorm(task, models.teacher, models.teacher_taps, images)

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from acamkd.data.images import ON_BAD_IMAGE, BadImageError, load_skipping_bad, read_rgb_image
+from acamkd.data.images import ON_BAD_IMAGE, BadImageError, load_skipping_bad, read_rgb_image, tile_rawmode
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "IGNORE_INDEX",
            "labelids_to_trainids"]
@@ -87,6 +87,12 @@ for _id, _train in CITYSCAPES_ID_TO_TRAINID.items():
     _ID_LUT[_id & 0xFF] = _train
 del _id, _train
 
+# Pillow rawmodes that change a stored integer, so a label id would change. 2- and 4-bit grey is
+# scaled to 0..255 (x 85, x 17): undone exactly. Min-is-white grey (TIFF) is inverted: refused.
+_SCALED_GREY = {"L;2": 85, "L;2R": 85, "L;4": 17, "L;4R": 17}
+_INVERTED_GREY = frozenset({"1;I", "1;IR", "L;I", "L;IR", "L;2I", "L;2IR", "L;4I", "L;4IR"})
+_LABEL_FIX = "Write the label map as a PNG of mode L (8-bit) or P (palette indices = ids), one id per pixel."
+
 
 def _present_values(arr: np.ndarray) -> np.ndarray:
     """Sorted distinct values of an integer label array (bincount for uint8: much faster than unique)."""
@@ -118,6 +124,35 @@ def labelids_to_trainids(label_ids: np.ndarray, path: str = "<array>") -> np.nda
     return mapped.astype(np.uint8)
 
 
+def _stored_ids(arr: np.ndarray, path: str, mode: str, fmt: str | None, codec: str | None,
+                rawmode: object) -> np.ndarray:
+    """The integers stored in a decoded label map ``arr`` (mode ``mode``, Pillow ``rawmode``), or
+    ``ValueError`` naming ``path`` and the mode where Pillow changed them in a way not undone here:
+    label ids are never silently rescaled, inverted or approximated."""
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: a label png must have one channel of ids, got mode {mode!r} with shape "
+                         f"{arr.shape} (a *_color.png instead of *_labelTrainIds.png?)")
+    if fmt in ("JPEG", "MPO"):
+        raise ValueError(f"{path}: the label map is a JPEG (mode {mode!r}): lossy compression changes the ids "
+                         f"along every edge. {_LABEL_FIX}")
+    if codec == "ppm" and isinstance(rawmode, tuple) and rawmode[1] not in (255, 65535):
+        full = 255 if mode == "L" else 65535
+        raise ValueError(f"{path}: a PGM label map with maxval {rawmode[1]} (mode {mode!r}): Pillow rescales its "
+                         f"values to 0..{full}, which would change the ids. {_LABEL_FIX}")
+    if rawmode in _INVERTED_GREY:
+        raise ValueError(f"{path}: the label map is stored min-is-white (mode {mode!r}, raw {rawmode!r}): "
+                         f"Pillow inverts its values, which would change the ids. {_LABEL_FIX}")
+    if rawmode in _SCALED_GREY:  # 2/4-bit grey: Pillow multiplied each id by 85/17; undo it exactly
+        factor = _SCALED_GREY[rawmode]
+        if (arr % factor).any():  # cannot happen with Pillow's unpackers; never guess
+            raise ValueError(f"{path}: {rawmode[2]}-bit label map (mode {mode!r}) decoded to values that are not "
+                             f"multiples of {factor}. {_LABEL_FIX}")
+        return arr // factor
+    if arr.dtype == np.bool_:  # mode "1": one bit per pixel, ids 0 and 1
+        return arr.astype(np.uint8)
+    return arr
+
+
 class CityscapesSegmentation(Dataset):
     """Cityscapes-layout segmentation dataset: ``dataset[i] -> (image, label)``.
 
@@ -137,6 +172,12 @@ class CityscapesSegmentation(Dataset):
     recorded in ``skipped`` path -> reason and logged). Wrong *content* (label values outside
     the train ids, image/label size mismatch, a colour png given as a label) always raises
     ``ValueError``: it means a wrong file set or a wrong ``num_classes``, which skipping would hide.
+
+    Label maps are read as the integers stored, never rescaled: 8-bit (``L``), palette indices
+    (``P``), 1-, 2- and 4-bit grey (Pillow's scaling of 2/4-bit grey to 0..255 is undone) and
+    16/32-bit integer pngs all give their ids; a colour or alpha png, a float map, a JPEG
+    (lossy), a min-is-white TIFF and a PGM with a maxval Pillow rescales raise ``ValueError``
+    naming the file and its mode. Images: see :func:`acamkd.data.images.read_rgb_image`.
     """
 
     ignore_index = IGNORE_INDEX
@@ -212,25 +253,25 @@ class CityscapesSegmentation(Dataset):
         return len(self.images)
 
     def _read_label(self, index: int) -> np.ndarray:
-        """Decode, map if labelIds, check values; ``(H, W)`` uint8 train ids."""
+        """Decode, map if labelIds, check values; ``(H, W)`` integer train ids (uint8 or wider)."""
         path = self.label_files[index]
         try:
             with Image.open(path) as im:
+                codec, rawmode = tile_rawmode(im)  # before load(): how Pillow unpacks the stored ids
                 im.load()
-                mode = im.mode
+                mode, fmt = im.mode, im.format
                 # no convert(): a palette ("P") png's indices are the ids, its colours are not
                 arr = np.array(im)
         except Exception as e:
             raise BadImageError(f"{path}: cannot decode label png ({type(e).__name__}: {e}). "
                                 f"Re-extract the file, or pass on_bad_image='skip'.") from e
-        if arr.ndim != 2:
-            raise ValueError(f"{path}: a label png must have one channel of ids, got mode {mode!r} with shape "
-                             f"{arr.shape} (a *_color.png instead of *_labelTrainIds.png?)")
+        arr = _stored_ids(arr, path, mode, fmt, codec, rawmode)
         if self.label_kinds[index] == "labelIds":
             return labelids_to_trainids(arr, path)
         if arr.dtype != np.uint8:
             if not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"{path}: label values must be integers, got dtype {arr.dtype} (mode {mode!r})")
+                raise ValueError(f"{path}: label values must be integers, got dtype {arr.dtype} (mode {mode!r}). "
+                                 f"{_LABEL_FIX}")
         present = _present_values(arr)
         bad = [int(v) for v in present if not (0 <= v < self.num_classes or v == IGNORE_INDEX)]
         if bad:

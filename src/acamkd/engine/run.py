@@ -16,6 +16,7 @@ from acamkd.config import Config, ModelConfig
 from acamkd.engine.distributed import DistInfo, init_distributed
 from acamkd.engine.sampling import ResumableSampler
 from acamkd.engine.schedule import build_optimizer, build_scheduler
+from acamkd.engine.run_folder import OutputDirError, check_fresh_start, check_writable
 from acamkd.engine.step import StudentAndMethod, TrainingStep
 from acamkd.engine.task import Task
 from acamkd.engine.trainer import Trainer, plan_epochs
@@ -70,6 +71,7 @@ class RunModels:
     teacher: nn.Module | None = None
     teacher_taps: FeatureTaps | None = None
     method: nn.Module | None = None
+    teacher_sha256: str | None = None  # of the teacher checkpoint file (stored in the run's checkpoints)
 
 
 def build_models(cfg: Config, task: Task, mode: str, num_classes: int, sample: Callable[[], list] | None = None,
@@ -93,8 +95,9 @@ def build_models(cfg: Config, task: Task, mode: str, num_classes: int, sample: C
     else:
         teacher_cfg = _teacher_config(cfg)
     teacher = task.build_model(teacher_cfg, num_classes, "teacher")  # strict load inside
-    if teacher_cfg.checkpoint and task.info.is_main:
-        logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, sha256_of(teacher_cfg.checkpoint))
+    teacher_sha = sha256_of(teacher_cfg.checkpoint) if teacher_cfg.checkpoint else None
+    if teacher_sha and task.info.is_main:
+        logger.info("teacher %s sha256 %s", teacher_cfg.checkpoint, teacher_sha)
     task.check_pair(student, teacher)
     if cfg.train.inherit_teacher and not random_init:
         report = inherit_weights(student, teacher, task.inherit_prefixes, task.inherit_all_or_nothing)
@@ -112,7 +115,8 @@ def build_models(cfg: Config, task: Task, mode: str, num_classes: int, sample: C
     method = build_method(cfg.method.name, teacher_channels=t_channels, student_channels=s_channels,
                           options=parse_options(cfg.method.name, cfg.method.options))
     teacher.eval().requires_grad_(False)
-    return RunModels(student, task.make_taps(student, "student"), teacher, task.teacher_taps(teacher), method)
+    return RunModels(student, task.make_taps(student, "student"), teacher, task.teacher_taps(teacher), method,
+                     teacher_sha)
 
 
 def build_step(cfg: Config, task: Task, models: RunModels, info: DistInfo, total_steps: int,
@@ -135,10 +139,21 @@ def build_step(cfg: Config, task: Task, models: RunModels, info: DistInfo, total
                         device=info.device, model=model, amp=t.amp, grad_clip=t.grad_clip)
 
 
-def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
+def prepare(cfg: Config, mode: str, info: DistInfo | None = None, *, resume: bool = False,
+            overwrite: bool = False) -> Trainer:
     """Everything ``train`` (mode "train") or ``distill`` (mode "distill") needs, seeded: the task,
-    datasets, sampler and epoch plan, models, taps and method, optimizer, schedule and step."""
+    datasets, sampler and epoch plan, models, taps and method, optimizer, schedule and step.
+
+    The output folder is checked first, before anything is built: it must be writable and, for a
+    new run (no ``resume``, no ``overwrite``), hold no other run's checkpoint.
+
+    Raises:
+        OutputDirError: the output folder cannot be written or holds another run.
+    """
     info = info or init_distributed()
+    check_writable(cfg.train.output_dir)
+    if not resume and not overwrite:
+        check_fresh_start(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's result
     task = build_task(cfg, info)
     train_set, val_set = task.datasets()
@@ -147,21 +162,25 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None) -> Trainer:
                                world_size=info.world_size)
     plan = plan_epochs(cfg, sampler, task.drop_last, task.name)
     step = build_step(cfg, task, models, info, plan.total_steps, plan.unit)
-    return Trainer(cfg, task, info, step, train_set, val_set, sampler, plan, teacher=models.teacher)
+    return Trainer(cfg, task, info, step, train_set, val_set, sampler, plan, teacher=models.teacher,
+                   teacher_sha256=models.teacher_sha256)
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, float]:
-    return prepare(cfg, "train").fit(resume=resume)
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+    """Train ``cfg.student`` (no teacher); ``resume`` continues the run in ``train.output_dir``,
+    ``overwrite`` replaces the run there."""
+    return prepare(cfg, "train", resume=resume, overwrite=overwrite).fit(resume=resume, overwrite=overwrite)
 
 
-def distill(cfg: Config, resume: bool = False, eval_teacher: bool | None = None) -> dict[str, Any]:
+def distill(cfg: Config, resume: bool = False, eval_teacher: bool | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
     """Distil; by default evaluate the teacher first, so a teacher that did not load shows at step 0."""
-    trainer = prepare(cfg, "distill")
+    trainer = prepare(cfg, "distill", resume=resume, overwrite=overwrite)
     result: dict[str, Any] = {}
     if (cfg.train.eval_teacher_first if eval_teacher is None else eval_teacher) and not resume:
         result["teacher"] = trainer.task.evaluate(trainer.teacher, trainer.val_loader(), trainer.val_set)
         logger.info("teacher before distillation: %s", result["teacher"])
-    result["student"] = trainer.fit(resume=resume)
+    result["student"] = trainer.fit(resume=resume, overwrite=overwrite)
     return result
 
 
@@ -194,12 +213,27 @@ def evaluate(cfg: Config, checkpoint: str) -> dict[str, float]:
 
 
 def export_student(cfg: Config, checkpoint: str, out: str) -> list[str]:
-    """Student weights only (the method's modules are training-only) as safetensors."""
+    """Student weights only (the method's modules are training-only) as safetensors.
+
+    Raises:
+        OutputDirError: ``out``'s folder cannot be written (checked before anything is loaded).
+        OSError: writing ``out`` failed (no space left, ...); the message names the file.
+    """
     from safetensors.torch import save_file
 
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise OutputDirError(f"--out {out} is a folder: give a file name, e.g. {os.path.join(out, 'student.safetensors')}")
+    check_writable(folder, key="--out")
     _, model, _ = load_student(cfg, checkpoint)  # proves the weights fit the configured student
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(state, out, metadata={"arch": cfg.student.arch, "backbone": cfg.student.backbone,
-                                    "source": os.path.basename(checkpoint)})
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata={"arch": cfg.student.arch, "backbone": cfg.student.backbone,
+                                        "source": os.path.basename(checkpoint)})
+        os.replace(tmp, out)
+    except Exception as err:  # safetensors raises its own error type for I/O failures
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(f"cannot write {out}: {err}") from None
     return sorted(state)

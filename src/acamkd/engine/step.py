@@ -23,10 +23,11 @@ __all__ = ["NonFiniteLoss", "StudentAndMethod", "TrainingStep", "autocast_for"]
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss became NaN or inf. ``losses`` holds every loss of that micro-batch as floats."""
+    """A loss became NaN or inf. ``losses`` holds every loss of that micro-batch as floats,
+    ``micro_batch`` its index among the step's micro-batches."""
 
-    def __init__(self, losses: dict[str, float]) -> None:
-        self.losses = losses
+    def __init__(self, losses: dict[str, float], micro_batch: int = 0) -> None:
+        self.losses, self.micro_batch = losses, micro_batch
         bad = {k: v for k, v in losses.items() if v != v or v in (float("inf"), float("-inf"))}
         super().__init__(f"non-finite loss {bad}; all losses: {losses}")
 
@@ -129,7 +130,11 @@ class TrainingStep:
         if not micro_batches:
             raise ValueError("TrainingStep needs at least one micro-batch")
         divisor = accumulate or len(micro_batches)
-        for batch in micro_batches:
-            losses = self.backward(batch, divisor)
+        for i, batch in enumerate(micro_batches):
+            try:
+                losses = self.backward(batch, divisor)
+            except NonFiniteLoss as err:
+                err.micro_batch = i
+                raise
         self.optimizer_step()
         return losses

@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,20 +27,48 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from acamkd.config import Config, dump_yaml
-from acamkd.engine.checkpoint import LAST_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from acamkd.config import Config, dump_yaml, to_dict
+from acamkd.engine.checkpoint import (
+    LAST_NAME,
+    capture_rng_state,
+    load_latest,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_checkpoint,
+)
 from acamkd.engine.distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, gather_objects
+from acamkd.engine.resume_config import check_resume_config
+from acamkd.engine.run_folder import RunFolderLock, check_fresh_start
 from acamkd.engine.run_log import RunLog
 from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
 from acamkd.engine.step import NonFiniteLoss, TrainingStep
 
-__all__ = ["EpochPlan", "Trainer", "TrainingDiverged", "plan_epochs"]
+__all__ = ["EpochPlan", "Trainer", "TrainingDiverged", "TrainingInterrupted", "plan_epochs"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 logger = logging.getLogger("acamkd")
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or inf: the message names the step and the losses that went bad."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run at a step boundary, after saving a checkpoint.
+    ``signum`` is the signal, ``step`` the optimizer steps done, ``checkpoint`` the file written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to "
+                         f"{checkpoint}: continue with --resume")
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step
+    boundary and then ends them (a worker killed by Ctrl-C would abort the step instead)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -78,15 +108,18 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, task: Any, info: DistInfo, step: TrainingStep, train_set, val_set,
-                 sampler: ResumableSampler, plan: EpochPlan, teacher=None) -> None:
+                 sampler: ResumableSampler, plan: EpochPlan, teacher=None, teacher_sha256: str | None = None) -> None:
         self.cfg, self.task, self.info, self.step_fn = cfg, task, info, step
         self.train_set, self.val_set = PerSampleSeed(train_set, cfg.train.seed), val_set
         self.sampler, self.plan, self.teacher = sampler, plan, teacher
+        self.teacher_sha256 = teacher_sha256  # stored in checkpoints; a resume must use the same teacher
         self.trained = step.trained
         self.output_dir = cfg.train.output_dir
         self.total_steps, self.unit = plan.total_steps, plan.unit
         self.epoch, self.batches_done, self.step = 0, 0, 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         self.step_seconds: list[float] = []  # wall time of each optimizer step of this process
+        self._stop_signal: int | None = None
 
     @property
     def student(self):
@@ -101,14 +134,16 @@ class Trainer:
         d = self.cfg.data
         return DataLoader(self.train_set, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.workers,
                           collate_fn=self.task.collate, generator=torch.Generator(),  # leaves the global RNG alone
-                          pin_memory=self.info.device.type == "cuda", drop_last=self.task.drop_last)
+                          pin_memory=self.info.device.type == "cuda", drop_last=self.task.drop_last,
+                          worker_init_fn=_ignore_stop_signals if d.workers else None)
 
     def val_loader(self) -> DataLoader:
         d = self.cfg.data
         sampler = ResumableSampler(len(self.val_set), shuffle=False, rank=self.info.rank,
                                    world_size=self.info.world_size)
         return DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size or d.batch_size, sampler=sampler,
-                          num_workers=d.workers, collate_fn=self.task.collate, generator=torch.Generator())
+                          num_workers=d.workers, collate_fn=self.task.collate, generator=torch.Generator(),
+                          worker_init_fn=_ignore_stop_signals if d.workers else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -118,18 +153,30 @@ class Trainer:
                 "method": {} if self.method is None else self.method.state_dict(),
                 "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
                 "scaler": s.scaler.state_dict(), "rng": rng, "epoch": self.epoch,
-                "batches_done": self.batches_done, "step": self.step, "world_size": self.info.world_size}
+                "batches_done": self.batches_done, "step": self.step, "world_size": self.info.world_size,
+                "config": to_dict(self.cfg), "teacher_sha256": self.teacher_sha256}
 
     def save(self, name: str = LAST_NAME) -> None:
         state = self.state_dict()  # collective: every rank takes part
         if self.info.is_main:
             save_checkpoint(os.path.join(self.output_dir, name), state)
+        self.saved_step = self.step
         barrier(self.info)
 
-    def load(self, path: str) -> None:
+    def load(self) -> str:
+        """Restore the newest whole checkpoint of the run folder (``last.pt``, else ``prev.pt``);
+        returns its path.
+
+        Raises:
+            FileNotFoundError: no checkpoint to resume from.
+            ResumeConfigError: the configuration changes what the run computes (see
+                :mod:`acamkd.engine.resume_config`); allowed changes are logged and used.
+            ValueError: another process count, or another teacher file than the run started with.
+        """
         # CPU first: RNG states must stay CPU byte tensors; weights and optimizer state are
         # copied onto the parameters' device by load_state_dict.
-        state = load_checkpoint(path, map_location="cpu")
+        state, path = load_latest(self.output_dir, map_location="cpu")
+        self._check_same_run(state, path)
         if state.get("world_size", 1) != self.info.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
                              f"{self.info.world_size}: resume with the same process count")
@@ -142,24 +189,109 @@ class Trainer:
         s.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"][self.info.rank])
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+        self.saved_step = self.step
+        return path
+
+    def _check_same_run(self, state: dict[str, Any], path: str) -> None:
+        stored = state.get("config")
+        if stored is None:  # a checkpoint from before configs were stored: the run folder's copy
+            from acamkd.config import load_config
+
+            saved_yaml = os.path.join(self.output_dir, "config.yaml")
+            stored = to_dict(load_config(saved_yaml)) if os.path.isfile(saved_yaml) else None
+        if stored is not None:
+            for key, (old, new) in check_resume_config(stored, to_dict(self.cfg), path).items():
+                if self.info.is_main:
+                    logger.warning("--resume: %s changed from %r to %r (allowed; used from now on)", key, old, new)
+        before = state.get("teacher_sha256")
+        if before is not None and self.teacher_sha256 is not None and before != self.teacher_sha256:
+            raise ValueError(f"--resume from {path}: teacher.checkpoint={self.cfg.teacher.checkpoint} is not the "
+                             f"teacher the run started with (sha256 {self.teacher_sha256[:12]}... vs "
+                             f"{before[:12]}...): give the original teacher file")
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False) -> dict[str, float]:
-        last = os.path.join(self.output_dir, LAST_NAME)
-        if resume:
-            if not os.path.isfile(last):
-                raise FileNotFoundError(f"--resume: no checkpoint at {last} (train.output_dir={self.output_dir})")
-            self.load(last)
-        if self.info.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            dump_yaml(self.cfg, os.path.join(self.output_dir, "config.yaml"))
-        log = RunLog(self.output_dir, enabled=self.info.is_main, resume_step=self.step if resume else None,
-                     total=self.total_steps)
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+        """Train to ``total_steps`` and return the final validation metrics. The run folder is locked
+        meanwhile; without ``resume`` a folder holding another run is refused (or, with
+        ``overwrite``, cleared); SIGINT/SIGTERM stop at the next step boundary after a checkpoint.
+
+        Raises:
+            RunFolderBusy, OutputDirError: the folder is in use or holds another run.
+            TrainingInterrupted: a stop signal arrived (a checkpoint was saved first).
+            TrainingDiverged: a loss became NaN or inf.
+        """
+        lock = RunFolderLock(self.output_dir) if self.info.is_main else None
+        if lock is not None:
+            lock.acquire()
         try:
-            metrics = self._loop(log)
+            if self.info.is_main:
+                if not resume:
+                    check_fresh_start(self.output_dir, overwrite)
+                remove_stale_temporaries(self.output_dir)
+            barrier(self.info)
+            if resume:
+                self.load()
+            if self.info.is_main:
+                dump_yaml(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+            log = RunLog(self.output_dir, enabled=self.info.is_main, resume_step=self.step if resume else None,
+                         total=self.total_steps)
+            try:
+                with self._stop_signals():
+                    return self._loop(log)
+            finally:
+                log.close()
         finally:
-            log.close()
-        return metrics
+            if lock is not None:
+                lock.release()
+
+    def _stop_signals(self):
+        """SIGINT and SIGTERM set a flag that the loop reads at step boundaries; a second one of the
+        same kind acts as usual (Ctrl-C twice stops at once). Main thread only."""
+        import contextlib
+
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def installed():
+            previous = {}
+
+            def handler(signum, _frame):
+                if self._stop_signal == signum:  # the second time: the previous behaviour, now
+                    signal.signal(signum, previous[signum])
+                    signal.raise_signal(signum)
+                    return
+                self._stop_signal = signum
+                if self.info.is_main:
+                    logger.warning("%s received: stopping after this step (checkpoint first); send it again to "
+                                   "stop at once", signal.Signals(signum).name)
+
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, handler)
+            try:
+                yield
+            finally:
+                for signum, old in previous.items():
+                    signal.signal(signum, old)
+
+        return installed()
+
+    def _stop_requested(self) -> int | None:
+        """The stop signal, agreed by every process (a collective when distributed)."""
+        signum = self._stop_signal or 0
+        if self.info.distributed:
+            flag = torch.tensor([float(signum)], device=self.info.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
+
+    def _stop_if_asked(self) -> None:
+        signum = self._stop_requested()
+        if signum is None:
+            return
+        if self.saved_step != self.step:
+            self.save()
+        raise TrainingInterrupted(signum, self.step, os.path.join(self.output_dir, LAST_NAME))
 
     def _loop(self, log: RunLog) -> dict[str, float]:
         t, plan = self.cfg.train, self.plan
@@ -186,19 +318,22 @@ class Trainer:
                 if self._due(t.checkpoint_every, epoch_end=False):
                     self.save()
                 if self._due(t.val_every, epoch_end=False):
-                    metrics = self.validate(log)
+                    metrics = self._validate_saved(log)
                 if self.step >= self.total_steps:
                     break
+                self._stop_if_asked()
                 step_start = time.perf_counter()
             if self.batches_done >= plan.batches_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 if self._due(t.checkpoint_every, epoch_end=True):
                     self.save()
                 if self._due(t.val_every, epoch_end=True):
-                    metrics = self.validate(log)
+                    metrics = self._validate_saved(log)
+                self._stop_if_asked()
+        if self.saved_step != self.step:
+            self.save()  # before the final validation: a val file that fails must not cost the run
         if not metrics or t.val_every == 0 or self.step % (t.val_every * self.unit):
             metrics = self.validate(log)
-        self.save()
         if self.info.is_main:
             with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
                 json.dump({"step": self.step, **metrics}, f, indent=1)
@@ -214,7 +349,7 @@ class Trainer:
         except NonFiniteLoss as err:
             bad = {k: v for k, v in err.losses.items() if not math.isfinite(v)}
             raise TrainingDiverged(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                   f"{self.batches_done}): {bad}; all losses: {err.losses}. Lower train.lr, set "
+                                   f"{self.batches_done + err.micro_batch}): {bad}; all losses: {err.losses}. Lower train.lr, set "
                                    f"train.grad_clip, or check the data; the last checkpoint is unchanged.") from None
         self.step += 1
         return losses
@@ -236,6 +371,13 @@ class Trainer:
         if self.info.is_main:
             logger.info("step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s", self.step, self.total_steps,
                         self.epoch, values["loss"], values["lr"], values["img_per_s"])
+
+    def _validate_saved(self, log: RunLog) -> dict[str, float]:
+        """Validation during training, after a checkpoint of this step (one is written first if
+        none was): an evaluation that fails never costs trained steps."""
+        if self.saved_step != self.step:
+            self.save()
+        return self.validate(log)
 
     def validate(self, log: RunLog | None = None) -> dict[str, float]:
         broadcast_buffers(self.student, self.info)  # evaluate the model rank 0 saves

@@ -98,7 +98,9 @@ def check_weight(name: str, value: Any) -> float:
 @dataclass(kw_only=True)
 class MethodOptions:
     """Options every method has; a method's options dataclass subclasses it (``kw_only``), gives
-    each field a type and a default, and extends :meth:`validate`. A method with no options of
+    each field a type and a default, and extends :meth:`validate`. Field types are what a config
+    can check: bool, int, float, str, ``Literal[...]``, ``list[X]``, ``dict[str, X]``, ``X | None``
+    (``register`` refuses others, :func:`acamkd.config.check_schema`). A method with no options of
     its own registers this class. Construction validates (:class:`OptionError`)."""
 
     check_finite: bool = True  # check every input for NaN/inf (one host sync per call)

@@ -10,7 +10,8 @@ coordinate is in the frame of the input the tapped features were computed from:
 * segmentation: images are cropped/padded to one size by the pipeline and never padded again,
   ``label_map`` is ``(B, H, W)`` at input size with ``ignore_index`` for unlabelled pixels.
 
-Methods that need none of it (ACAM-KD, mimic, CWD) ignore the argument; FGD reads the boxes.
+Methods that need none of it (ACAM-KD) ignore the argument; methods built on ground-truth boxes
+(FGD's foreground masks) read ``boxes_at_stride(s)`` for a level of stride ``s``.
 """
 from __future__ import annotations
 
@@ -75,16 +76,18 @@ class DistillBatch:
     def batch_size(self) -> int:
         return len(self.image_sizes)
 
-    def boxes_on_grid(self, grid: tuple[int, int]) -> list[Tensor]:
-        """Each image's boxes in the cells of a ``(h, w)`` feature grid of this input:
-        ``x * w / W``, ``y * h / H`` (a stride-``s`` level of a padded input has ``w = W / s``).
+    def boxes_at_stride(self, stride: int) -> list[Tensor]:
+        """Each image's boxes in the cells of a feature level of ``stride`` pixels: ``box / stride``.
+
+        Cell ``i`` of a stride-``s`` level covers input pixels ``[i s, (i + 1) s)`` (convolutions of
+        stride 2 round the grid up: ``ceil(H / s)`` cells, the last one partly padding), so this is
+        exact at every level, including P6/P7 whose grid does not divide the padded input.
 
         Raises:
-            ValueError: no boxes (a segmentation batch).
+            ValueError: no boxes (a segmentation batch), or ``stride`` not a positive number.
         """
         if self.boxes is None:
-            raise ValueError("DistillBatch.boxes_on_grid: this batch carries no boxes (not a detection batch)")
-        H, W = self.input_size
-        h, w = grid
-        scale = torch.tensor([w / W, h / H, w / W, h / H])
-        return [b * scale.to(b.device, b.dtype) for b in self.boxes]
+            raise ValueError("DistillBatch.boxes_at_stride: this batch carries no boxes (not a detection batch)")
+        if not stride > 0:
+            raise ValueError(f"DistillBatch.boxes_at_stride: stride must be positive, got {stride!r}")
+        return [b / stride for b in self.boxes]

@@ -30,10 +30,15 @@ def register(name: str, options: type[MethodOptions] | None = None) -> Callable[
 
     Raises:
         ValueError: ``name`` is taken.
-        TypeError: ``options`` is not a MethodOptions subclass.
+        TypeError: ``options`` is not a MethodOptions subclass, or has a field whose type a config
+            cannot check (see :func:`acamkd.config.check_schema`).
     """
     if options is not None and not (isinstance(options, type) and issubclass(options, MethodOptions)):
         raise TypeError(f"register({name!r}): options must be a MethodOptions dataclass subclass, got {options!r}")
+    if options is not None:
+        from acamkd.config import check_schema
+
+        check_schema(options)
 
     def decorator(cls: type) -> type:
         if name in _REGISTRY:

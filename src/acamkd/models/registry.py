@@ -12,8 +12,9 @@ model names. In the spirit of torchvision's ``models/_api.py`` and timm's ``_reg
 
 Adding an architecture family is one file in ``acamkd/models/`` that calls :func:`register_model`
 at import, plus its module name in :data:`FAMILY_MODULES` (imported on the first lookup).
-Importing this module imports no model code itself; the lookups import the families (torchvision
-for the detectors; segmentation-models-pytorch only when a segmenter is built).
+The module itself holds no model code; importing it through the ``acamkd.models`` package (the
+usual way) loads the built-in families' modules (torchvision for the detectors), and
+segmentation-models-pytorch is imported only when a segmenter is built.
 """
 from __future__ import annotations
 

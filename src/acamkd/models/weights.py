@@ -59,6 +59,13 @@ def load_state_dict_file(path: str | os.PathLike, key: str | None = None) -> dic
             raise ValueError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. Only tensor "
                              f"files (state dicts, or dicts of them) are accepted; re-save the weights with "
                              f"torch.save(model.state_dict(), path)") from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("sha256"), str):  # an acamkd checkpoint: check it
+        from acamkd.engine.checkpoint import state_digest
+
+        obj = dict(obj)
+        if state_digest({k: v for k, v in obj.items() if k != "sha256"}) != obj.pop("sha256"):
+            raise ValueError(f"{path!r} is damaged: its tensors do not match the checksum written with them "
+                             f"(a disk or copy error); use prev.pt beside it or another copy")
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             found = sorted(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
