@@ -340,7 +340,7 @@ class Trainer:
             if self.step_seconds:  # apart from the metrics: timings differ between equal runs
                 with open(os.path.join(self.output_dir, "timing.json"), "w") as f:
                     json.dump({"sec_per_step": statistics.median(self.step_seconds),
-                               "steps_timed": len(self.step_seconds)}, f, indent=1)
+                               "steps_timed": len(self.step_seconds), **peak_memory(self.info.device)}, f, indent=1)
         return metrics
 
     def _train_step(self, micro_batches: list) -> dict[str, Tensor]:
@@ -371,6 +371,8 @@ class Trainer:
         if self.info.is_main:
             logger.info("step %d/%d epoch %d loss %.4f lr %.3g %.1f img/s", self.step, self.total_steps,
                         self.epoch, values["loss"], values["lr"], values["img_per_s"])
+            for message in getattr(self.method, "health_warnings", lambda: [])():
+                logger.warning("step %d: %s", self.step, message)  # e.g. ACAM-KD's masks collapsing
 
     def _validate_saved(self, log: RunLog) -> dict[str, float]:
         """Validation during training, after a checkpoint of this step (one is written first if
@@ -388,3 +390,13 @@ class Trainer:
             log.log(self.step, metrics, kind="val")
         return metrics
 
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far, in MiB, and what was measured: on CUDA the most memory
+    tensors held on the device (``max_memory_allocated``), on CPU the peak resident set of the
+    whole process (``ru_maxrss``: data, models and Python included)."""
+    if device.type == "cuda":
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_mem_kind": "cuda_max_allocated"}
+    import resource
+
+    return {"peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_mem_kind": "cpu_max_rss"}
