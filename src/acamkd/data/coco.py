@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,61 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_ID_FIX = {
+    "image": "give every image an integer id (1, 2, 3, ...) and use that number as image_id in its "
+             "annotations; a name such as 'img_7' belongs in file_name",
+    "category": "give every category an integer id (1, 2, 3, ...) and use that number as category_id in the "
+                "annotations; the name belongs in 'name'",
+}
+
+
+def _int_id(path: str, where: str, value: Any, kind: str) -> int:
+    """A COCO id as an ``int`` (integral floats such as ``7.0`` too), or an error naming the entry.
+
+    Ids must be integers: torchvision targets, the results json and the evaluator all carry
+    them as numbers, so a string id would only fail later (after training) with no file named.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{path}: {where} has id={value!r}, but COCO {kind} ids must be integers; "
+                     f"{_ID_FIX[kind]}.")
+
+
+def _image_size(path: str, where: str, entry: Any, key: str) -> int:
+    """``entry[key]`` (an image's height or width) as a positive int, or an error naming it."""
+    value = _field(path, where, entry, key)
+    if not _is_number(value) or not math.isfinite(value) or value < 1:
+        raise ValueError(f"{path}: {where} has {key}={value!r}; expected the image's {key} in pixels "
+                         f"(a positive integer). Fix the entry (it must match the image file).")
+    return int(value)
+
+
+def _valid_area(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value >= 0
+
+
+_CROWD_FLAGS = (0, 1, None)  # None: missing (an object); True/False and 0.0/1.0 compare equal too
+
+
+def _listed(value: Any, ids: Any) -> bool:
+    """Whether an annotation's ``image_id``/``category_id`` is one of ``ids`` (a bool or an
+    unhashable value never is)."""
+    try:
+        return value in ids and not isinstance(value, bool)
+    except TypeError:  # a list or a dict
+        return False
+
+
+def _id_hint(value: Any, kind: str) -> str:
+    """What to do about an annotation's image_id/category_id that no entry lists."""
+    key = {"image": "images", "category": "categories"}[kind]
+    if isinstance(value, str):
+        return f"; COCO {kind} ids are integers: use the integer id of the {kind} from {key!r}, not its name"
+    return f"; add the {kind} to {key!r}, or fix the annotation"
+
+
 class CocoDetection(Dataset):
     """COCO-style detection dataset: ``dataset[i] -> (image (3, H, W) float32, target dict)``.
 
@@ -99,8 +155,17 @@ class CocoDetection(Dataset):
 
     Kept out of the targets, counted, and logged once (logger ``acamkd.data``): crowd regions
     (``skip_crowd=True``; torchvision's reference drops them too) and degenerate boxes (no
-    ``bbox``, or width/height ``<= MIN_BOX_SIZE`` after clipping). Images without any
-    annotation stay in the dataset with ``boxes`` of shape (0, 4).
+    ``bbox``, a NaN/inf value in it, or width/height ``<= MIN_BOX_SIZE`` after clipping).
+    Images without any annotation stay in the dataset with ``boxes`` of shape (0, 4).
+
+    Checked once, here, with errors naming the file and ``images[k]``/``categories[k]``/
+    ``annotations[k]``: image and category ids are integers (``7.0`` is read as ``7``; a name
+    such as ``"img_7"`` is refused: the targets, the results and the evaluator carry ids as
+    numbers), image sizes positive, ``iscrowd`` 0 or 1. An ``area`` that is missing (silently)
+    or not a finite number >= 0 (with a warning) becomes the clipped box's area. A file whose
+    split has no usable box, or whose boxes all have area 0, is warned about once.
+    :meth:`coco_gt` gives the evaluator these same checked annotations, so training and
+    evaluation never read the file differently.
 
     Bad images. Files listed in the json but absent from ``img_dir`` are found at construction
     (one directory listing, not one stat per file): ``on_bad_image="error"`` raises naming them,
@@ -142,7 +207,7 @@ class CocoDetection(Dataset):
         path = self.ann_file
         names: dict[int, str] = {}
         for k, cat in enumerate(cats):
-            cid = _field(path, f"categories[{k}]", cat, "id")
+            cid = _int_id(path, f"categories[{k}]", _field(path, f"categories[{k}]", cat, "id"), "category")
             name = _field(path, f"categories[{k}]", cat, "name")
             if cid in names:
                 raise ValueError(f"{path}: categories[{k}] repeats category id {cid} ({names[cid]!r} and {name!r})")
@@ -160,12 +225,15 @@ class CocoDetection(Dataset):
         info: dict[int, tuple[str, int, int]] = {}  # id -> (file_name, H, W)
         for k, img in enumerate(images):
             where = f"images[{k}]"
-            iid = _field(path, where, img, "id")
+            iid = _int_id(path, where, _field(path, where, img, "id"), "image")
             entry = (str(_field(path, where, img, "file_name")),
-                     int(_field(path, where, img, "height")), int(_field(path, where, img, "width")))
+                     _image_size(path, where, img, "height"), _image_size(path, where, img, "width"))
             if iid in info:
-                raise ValueError(f"{path}: {where} repeats image id {iid}")
+                raise ValueError(f"{path}: {where} repeats image id {iid}; every image needs its own id")
             info[iid] = entry
+        if not info:
+            raise ValueError(f"{path}: 'images' is empty; there is nothing to train on or evaluate. "
+                             f"Check that this is the right annotation file.")
         self._all_image_ids = set(info)
         if not os.path.isdir(self.img_dir):
             raise FileNotFoundError(
@@ -200,10 +268,16 @@ class CocoDetection(Dataset):
         return [f for f in file_names if not os.path.exists(os.path.join(self.img_dir, f))]
 
     def _parse_annotations(self, anns: list) -> None:
+        """Check every annotation once and keep two views of the same checked rows: the training
+        targets (crowd regions with ``skip_crowd`` and degenerate boxes left out, boxes clipped)
+        and the evaluation ground truth (:meth:`coco_gt`: crowd regions kept, as COCOeval's
+        ignore regions, boxes as written). Both drop annotations without a usable box and both
+        use the same areas."""
         path = self.ann_file
         pos = {iid: p for p, iid in enumerate(self.image_ids)}
-        rows_img, rows_box, rows_label, rows_area, rows_crowd = [], [], [], [], []
-        n_crowd = n_nobox = 0
+        rows_k, rows_img, rows_box, rows_label, rows_area, rows_crowd = [], [], [], [], [], []
+        n_crowd = n_nobox = n_bad_area = 0
+        first_bad_area = -1
         for k, ann in enumerate(anns):
             try:  # fast path; the message (an f-string per annotation is not free on 860k) only on failure
                 iid, cid = ann["image_id"], ann["category_id"]
@@ -211,34 +285,46 @@ class CocoDetection(Dataset):
                 for key in ("image_id", "category_id"):
                     _field(path, _ann_where(k, ann), ann, key)
                 raise
-            if iid not in self._all_image_ids:
-                raise ValueError(f"{path}: {_ann_where(k, ann)} points to image_id={iid!r}, "
-                                 f"which is not listed in 'images'")
-            if cid not in self.cat_id_to_label:
+            if not _listed(iid, self._all_image_ids):
+                raise ValueError(f"{path}: {_ann_where(k, ann)} points to image_id={iid!r}, which is not listed "
+                                 f"in 'images'{_id_hint(iid, 'image')}")
+            if not _listed(cid, self.cat_id_to_label):
                 raise ValueError(f"{path}: {_ann_where(k, ann)} has category_id={cid!r}, which is not listed "
-                                 f"in 'categories' (known ids: {self.cat_ids[:10]}{' ...' if len(self.cat_ids) > 10 else ''})")
-            crowd = int(ann.get("iscrowd", 0) or 0)
-            if crowd and self.skip_crowd:
+                                 f"in 'categories' (known ids: {self.cat_ids[:10]}{' ...' if len(self.cat_ids) > 10 else ''})"
+                                 f"{_id_hint(cid, 'category')}")
+            crowd = ann.get("iscrowd", 0)
+            if crowd not in _CROWD_FLAGS or isinstance(crowd, str):
+                raise ValueError(f"{path}: {_ann_where(k, ann)} has iscrowd={crowd!r}; expected 0 (an object) or "
+                                 f"1 (a crowd region). Fix the entry.")
+            crowd = 1 if crowd else 0
+            for_training = not (crowd and self.skip_crowd)
+            if not for_training:
                 n_crowd += 1
-                continue
             if iid not in pos:  # its image was left out (missing on disk, on_bad_image="skip")
                 continue
             bbox = ann.get("bbox")
             if bbox is None or (isinstance(bbox, list) and len(bbox) == 0):
-                n_nobox += 1
+                n_nobox += for_training
                 continue
             if not isinstance(bbox, list) or len(bbox) != 4:
                 raise ValueError(f"{path}: {_ann_where(k, ann)} has bbox={bbox!r}; expected [x, y, width, height]")
+            area = ann.get("area")
+            if area is None:  # missing: the box area, as documented
+                area = -1.0
+            elif not _valid_area(area):
+                n_bad_area += 1
+                first_bad_area = k if first_bad_area < 0 else first_bad_area
+                area = -1.0
+            rows_k.append(k)
             rows_img.append(pos[iid])
             rows_box.append(bbox)
             rows_label.append(self.cat_id_to_label[cid])
-            area = ann.get("area", -1.0)
-            rows_area.append(area if _is_number(area) else -1.0)
+            rows_area.append(area)
             rows_crowd.append(crowd)
 
         n_img = len(self.image_ids)
-        img = np.asarray(rows_img, dtype=np.int64)  # (A,)
-        xywh = np.array(rows_box)  # (A, 4); a string or null anywhere gives a non-numeric dtype
+        img = np.asarray(rows_img, dtype=np.int64)  # (R,) every row with a bbox, file order
+        xywh = np.array(rows_box)  # (R, 4); a string or null anywhere gives a non-numeric dtype
         if xywh.size and xywh.dtype.kind not in "iuf":  # find the culprit for the message
             for k, ann in enumerate(anns):
                 bbox = ann.get("bbox")
@@ -246,34 +332,84 @@ class CocoDetection(Dataset):
                     raise ValueError(f"{path}: {_ann_where(k, ann)} has bbox={bbox!r}; "
                                      f"expected 4 numbers [x, y, width, height]")
         xywh = xywh.astype(np.float64).reshape(-1, 4)
-        hw = self._sizes[img].astype(np.float64)  # (A, 2) height, width of each box's image
-        x1 = np.clip(xywh[:, 0], 0, hw[:, 1])
-        y1 = np.clip(xywh[:, 1], 0, hw[:, 0])
-        x2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, hw[:, 1])
-        y2 = np.clip(xywh[:, 1] + xywh[:, 3], 0, hw[:, 0])
-        keep = ((x2 - x1) > MIN_BOX_SIZE) & ((y2 - y1) > MIN_BOX_SIZE)  # NaN compares False: dropped too
-        n_degenerate = n_nobox + int((~keep).sum())
+        finite = np.isfinite(xywh).all(axis=1)  # (R,) NaN/inf anywhere: no location, dropped everywhere
+        safe = np.where(finite[:, None], xywh, 0.0)  # (R, 4) no inf - inf below
+        hw = self._sizes[img].astype(np.float64)  # (R, 2) height, width of each box's image
+        x1 = np.clip(safe[:, 0], 0, hw[:, 1])
+        y1 = np.clip(safe[:, 1], 0, hw[:, 0])
+        x2 = np.clip(safe[:, 0] + safe[:, 2], 0, hw[:, 1])
+        y2 = np.clip(safe[:, 1] + safe[:, 3], 0, hw[:, 0])
+        crowd = np.asarray(rows_crowd, dtype=np.int64)  # (R,)
+        labels = np.asarray(rows_label, dtype=np.int64)  # (R,)
+        for_training = (crowd == 0) if self.skip_crowd else np.ones(len(crowd), dtype=bool)
+        keep = for_training & finite & ((x2 - x1) > MIN_BOX_SIZE) & ((y2 - y1) > MIN_BOX_SIZE)
+        n_degenerate = n_nobox + int((for_training & ~keep).sum())
+        area = np.asarray(rows_area, dtype=np.float64)  # (R,) -1: missing or invalid
+        area = np.where(area >= 0, area, np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0))  # -> clipped box's
 
-        order = np.argsort(img[keep], kind="stable")  # group by image, json order within an image
-        boxes = np.stack([x1, y1, x2, y2], axis=1)[keep][order]
-        area = np.asarray(rows_area, dtype=np.float64)[keep][order]
-        box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        area = np.where(area >= 0, area, box_area)  # missing 'area' -> the clipped box's area
-        self._boxes = boxes.astype(np.float32)  # (A', 4) xyxy
-        self._labels = np.asarray(rows_label, dtype=np.int64)[keep][order]  # (A',)
-        self._area = area.astype(np.float32)  # (A',)
-        self._iscrowd = np.asarray(rows_crowd, dtype=np.int64)[keep][order]  # (A',)
+        # training view: grouped by image, json order within an image
+        order = np.argsort(img[keep], kind="stable")
+        self._boxes = np.stack([x1, y1, x2, y2], axis=1)[keep][order].astype(np.float32)  # (A, 4) xyxy
+        self._labels = labels[keep][order]  # (A,)
+        self._area = area[keep][order].astype(np.float32)  # (A,)
+        self._iscrowd = crowd[keep][order]  # (A,)
         counts = np.bincount(img[keep], minlength=n_img)  # (N,)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (N + 1,)
+        # evaluation view (coco_gt): every row with a finite box, json order, boxes as written
+        self._gt_img, self._gt_label, self._gt_crowd = img[finite], labels[finite], crowd[finite]  # (G,)
+        self._gt_xywh, self._gt_area = xywh[finite], area[finite]  # (G, 4), (G,) float64
 
         self.num_degenerate = n_degenerate
         self.num_crowd_skipped = n_crowd
+        self.num_nonfinite = int((~finite).sum())
+        self.num_bad_area = n_bad_area
+        name = type(self).__name__
         if n_degenerate:
             logger.warning("%s %s: dropped %d degenerate box(es) (no bbox, or width/height <= %g px after "
-                           "clipping to the image) out of %d annotations", type(self).__name__, path,
+                           "clipping to the image) out of %d annotations", name, path,
                            n_degenerate, MIN_BOX_SIZE, len(anns))
+        if self.num_nonfinite:
+            k = rows_k[int(np.flatnonzero(~finite)[0])]
+            logger.warning("%s %s: %d annotation(s) have a bbox with a NaN or infinite value (first: %s bbox=%r); "
+                           "they are left out of training and evaluation alike. Fix or delete them.", name, path,
+                           self.num_nonfinite, _ann_where(k, anns[k]), anns[k].get("bbox"))
+        if n_bad_area:
+            bad = anns[first_bad_area]
+            logger.warning("%s %s: %d annotation(s) have an 'area' that is not a finite number >= 0 (first: %s "
+                           "area=%r); the clipped box area is used instead, in training and evaluation alike. "
+                           "Fix the areas (or delete the key) to silence this.", name, path, n_bad_area,
+                           _ann_where(first_bad_area, bad), bad.get("area"))
+        if not len(self._boxes):
+            logger.warning("%s %s: no usable boxes (%d annotations over %d images): a detector trained on it "
+                           "learns only background, and COCO evaluation on it has nothing to measure (AP -1). "
+                           "Check that this is the annotation file you meant.", name, path, len(anns), n_img)
+        elif not (self._area > 0).any():
+            logger.warning("%s %s: every one of its %d boxes has 'area' 0, so COCO's size ranges count every "
+                           "object as small (APm/APl -1). Fill in the real areas, or delete the 'area' keys to use "
+                           "the box areas.", name, path, len(self._boxes))
         logger.info("%s %s: %d images, %d boxes, %d classes (+background), %d crowd regions left out",
-                    type(self).__name__, path, n_img, len(self._boxes), len(self.cat_ids), n_crowd)
+                    name, path, n_img, len(self._boxes), len(self.cat_ids), n_crowd)
+
+    def coco_gt(self) -> dict[str, Any]:
+        """The checked annotations as a COCO dict for the evaluator (``evaluate_detections``).
+
+        The same annotations as training sees, as COCOeval wants them: boxes ``[x, y, w, h]``
+        as written (not clipped), crowd regions kept (``iscrowd=1``: ignore regions), areas
+        filled where the file's was missing or invalid, annotations without a usable box left
+        out, images this dataset serves. Annotation ids are renumbered ``1..G``: COCOeval
+        uses an annotation id of 0 as "unmatched" (and a repeated id merges annotations), and
+        no result refers to them, so scores are unchanged for valid files.
+        """
+        image_ids = np.asarray(self.image_ids, dtype=np.int64)
+        cat_ids = np.asarray([0] + self.cat_ids, dtype=np.int64)  # indexed by label
+        images = [{"id": int(iid), "file_name": f, "height": int(h), "width": int(w)}
+                  for iid, f, (h, w) in zip(self.image_ids, self.file_names, self._sizes.tolist())]
+        categories = [{"id": int(cid), "name": self.class_names[lab]} for lab, cid in self.label_to_cat_id.items()]
+        annotations = [{"id": j + 1, "image_id": iid, "category_id": cid, "bbox": box, "area": area, "iscrowd": crowd}
+                       for j, (iid, cid, box, area, crowd) in enumerate(zip(
+                           image_ids[self._gt_img].tolist(), cat_ids[self._gt_label].tolist(),
+                           self._gt_xywh.tolist(), self._gt_area.tolist(), self._gt_crowd.tolist()))]
+        return {"images": images, "categories": categories, "annotations": annotations}
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:

@@ -134,11 +134,23 @@ class DetectionTask(Task):
         model.train(was_training)
         gathered = gather_objects((predictions, image_ids), self.info)
         metrics: dict[str, float] = {}
+        failure: BaseException | None = None
         if self.info.is_main:
             seen_ids: dict[int, Any] = {}
             for preds, ids in gathered:  # one prediction per image id (a skipped bad image's stand-in)
                 for pred, image_id in zip(preds, ids):
                     seen_ids.setdefault(image_id, pred)
-            metrics = evaluate_detections(dataset.ann_file, list(seen_ids.values()), list(seen_ids),
-                                          dataset.label_to_cat_id)
-        return gather_objects(metrics, self.info)[0]
+            # the annotations the dataset checked (the same ones training read), not the raw file again;
+            # predictions it cannot map (e.g. background label 0) are dropped and counted, not fatal
+            gt = dataset.coco_gt() if hasattr(dataset, "coco_gt") else dataset.ann_file
+            try:
+                metrics = evaluate_detections(gt, list(seen_ids.values()), list(seen_ids), dataset.label_to_cat_id,
+                                              unmapped="drop")
+            except Exception as e:  # every rank must leave the gather below, then raise
+                failure = e
+        metrics, error = gather_objects((metrics, None if failure is None else repr(failure)), self.info)[0]
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise RuntimeError(f"COCO evaluation failed on rank 0: {error}")
+        return metrics

@@ -9,6 +9,10 @@ What differs from torchvision's own builders (``retinanet_resnet50_fpn`` etc.):
   teacher and a student built here get the identical ``images.tensors`` for the same input
   list and their FPN levels line up; ``image_sizes`` are the input sizes, so predictions
   (and the boxes of targets) are in the frame of the input tensors.
+* **No background detections.** RetinaNet and FCOS score class column 0 (background, since
+  ``num_classes = K + 1``) with a sigmoid like any class; here it is masked out before the
+  top-k (:class:`ForegroundRetinaNet`, :class:`ForegroundFCOS`), so predictions carry labels
+  ``1..K`` only and no detection slot goes to a box no category can score.
 * Weights only from local files (``pretrained``: torchvision ImageNet ResNet state dict;
   ``checkpoint``: a full detector state dict, strict). Nothing downloads.
 
@@ -92,6 +96,41 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return (f"{type(self).__name__}(normalize(mean={self.image_mean}, std={self.image_std}), no resize "
                 f"(data pipeline resizes to min_size={self.min_size}, max_size={self.max_size}), "
                 f"pad to multiple of {self.size_divisible})")
+
+
+class _ForegroundOnly:
+    """``postprocess_detections`` that never emits label 0 (background) from a sigmoid head.
+
+    torchvision's RetinaNet/FCOS score every class column with a sigmoid, the background column
+    0 included (``num_classes = K + 1``): an untrained head gives it as many boxes as any
+    class, and a trained one still can when ``score_thresh`` is 0. Those boxes fill the top-k
+    and ``detections_per_img`` slots and have no category to be scored as. Here column 0 gets
+    logit -inf (score 0) before the top-k, so it never passes ``score_thresh >= 0``; what
+    would still pass a negative threshold is dropped after NMS.
+    """
+
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        logits = []
+        for level in head_outputs["cls_logits"]:  # (N, HWA, K + 1) per level
+            level = level.clone()
+            level[..., 0] = float("-inf")
+            logits.append(level)
+        detections = super().postprocess_detections({**head_outputs, "cls_logits": logits}, anchors,
+                                                    image_shapes)
+        for det in detections:
+            foreground = det["labels"] != 0
+            if not bool(foreground.all()):
+                det.update({k: v[foreground] for k, v in det.items()})
+        return detections
+
+
+class ForegroundRetinaNet(_ForegroundOnly, RetinaNet):
+    """torchvision ``RetinaNet`` whose detections never carry the background label 0."""
+
+
+class ForegroundFCOS(_ForegroundOnly, FCOS):
+    """torchvision ``FCOS`` whose detections never carry the background label 0."""
 
 
 def _choose(kind: str, value: str, known: Sequence[str]) -> str:
@@ -185,7 +224,8 @@ def build_fpn_detector(
         extra = LastLevelP6P7(256, 256) if extra_from == "p5" else LastLevelP6P7(c5_channels, 256)
         body = _resnet_fpn_extractor(net, trainable_backbone_layers, returned_layers=[2, 3, 4], extra_blocks=extra)
 
-    model_cls = {"retinanet": RetinaNet, "fasterrcnn": FasterRCNN, "fcos": FCOS}[arch]
+    # Faster R-CNN's softmax box head already leaves out the background column
+    model_cls = {"retinanet": ForegroundRetinaNet, "fasterrcnn": FasterRCNN, "fcos": ForegroundFCOS}[arch]
     transform_args = {"min_size": min_size, "max_size": max_size, "image_mean": list(image_mean),
                       "image_std": list(image_std), "size_divisible": size_divisible}
     model = model_cls(body, num_classes=num_classes, **transform_args, **kwargs)
