@@ -19,17 +19,7 @@ def acamkd(*args, check=True):
 
 def sigkill_after_step(args, metrics_file, step=3, timeout=300.0) -> None:
     """Start ``acamkd ARGS`` and SIGKILL it as soon as ``metrics_file`` logs ``step``."""
-    proc = subprocess.Popen([sys.executable, "-m", "acamkd.cli", *args], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics_file.exists() and any(json.loads(line)["step"] >= step
-                                         for line in metrics_file.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    signal_after_step(args, metrics_file, signal.SIGKILL, step=step, timeout=timeout)
 
 
 def signal_after_step(args, metrics_file, signum, step=2, timeout=300.0, group=False):
