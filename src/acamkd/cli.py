@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.build_parser(commands.add_parser("demo", help="teacher, student and student + ACAM-KD on the built-in "
                                                        "dataset, one table", description=demo.__doc__.splitlines()[0]))
 
+    from acamkd import compare
+
+    compare.build_parser(commands.add_parser("compare", help="one distillation config, several methods (and "
+                                                             "variants, seeds), one table",
+                                             description=compare.__doc__.splitlines()[0]))
+
     make_data = commands.add_parser(
         "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
         description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
@@ -138,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd import demo
 
         return _guarded("demo", lambda: demo.main(args=args))
+    if args.command == "compare":
+        from acamkd import compare
+
+        return _guarded("compare", lambda: compare.main(args=args))
     if args.command == "make-data":
         from acamkd.data import synthetic
 

@@ -23,8 +23,9 @@ config retrains the students distilled from it. Folders written by the demo befo
 
 Results: :func:`aggregate` groups runs by name (one entry per seed) into mean and sample
 standard deviation per metric; :func:`markdown_table` prints chosen metric columns x100 (COCO's
--1 for an empty size range shows as ``-``) and ``train s/step``; :func:`write_results` writes
-``<stem>.md`` and ``<stem>.json`` (the per-seed raw values and the aggregates).
+-1 for an empty size range shows as ``-``), ``train s/step`` and optionally the peak memory;
+:func:`write_results` writes ``<stem>.md`` and ``<stem>.json`` (the per-seed raw values and the
+aggregates).
 
 The runner is for one process (the demo, a sweep on one machine); launch multi-GPU runs with
 ``torchrun ... acamkd train``. A run that raises stops :func:`run_all` (its marker stays
@@ -46,7 +47,7 @@ from typing import Any, Literal
 from acamkd.config import Config, to_dict
 
 __all__ = ["Run", "RunResult", "run_all", "run_key", "aggregate", "by_name", "markdown_table", "format_table",
-           "results_json", "write_results", "MARKER", "STATUS_CACHED", "STATUS_RAN", "STATUS_RESUMED"]
+           "results_json", "write_results", "MARKER", "PEAK_MEMORY", "STATUS_CACHED", "STATUS_RAN", "STATUS_RESUMED"]
 
 logger = logging.getLogger("acamkd")
 
@@ -327,16 +328,25 @@ def _cell(row: dict[str, Any], key: str, scale: float, digits: int, absent_below
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
-def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> str:
+PEAK_MEMORY = "peak_mem_mib"  # the key of timing.json's peak memory (MiB), when the engine records it
+
+
+def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str], *,
+                   peak_memory: bool = False) -> str:
     """A markdown table of :func:`aggregate` output: one row per name, ``columns`` x100 to one
     decimal (``-`` where missing or negative: COCO's -1 for an empty size range) and
     ``train s/step``; ``mean ± std`` when a row has several seeds (its name then ends in
-    ``(n=k)``), the plain value for one seed."""
-    lines = ["| model | " + " | ".join(columns) + " | train s/step |", "|---" * (len(columns) + 2) + "|"]
+    ``(n=k)``), the plain value for one seed. ``peak_memory`` adds a last column ``peak MiB``
+    (``timing.json``'s ``peak_mem_mib``, whole MiB; ``-`` for a row whose runs lack it)."""
+    extra = " peak MiB |" if peak_memory else ""
+    lines = ["| model | " + " | ".join(columns) + " | train s/step |" + extra,
+             "|---" * (len(columns) + 2 + bool(peak_memory)) + "|"]
     for name, row in stats.items():
         cells = [_cell(row, c, 100.0, 1, True) for c in columns]
         label = name if row["n"] <= 1 else f"{name} (n={row['n']})"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(row, 'sec_per_step', 1.0, 2, False)} |")
+        memory = f" {_cell(row, PEAK_MEMORY, 1.0, 0, False)} |" if peak_memory else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(row, 'sec_per_step', 1.0, 2, False)} |"
+                     + memory)
     return "\n".join(lines)
 
 
@@ -359,12 +369,13 @@ def results_json(results: Iterable[RunResult]) -> dict[str, Any]:
 
 
 def write_results(stem: str | os.PathLike, results: Sequence[RunResult], columns: Sequence[str],
-                  header: str = "") -> tuple[Path, Path]:
+                  header: str = "", *, peak_memory: bool = False) -> tuple[Path, Path]:
     """Write ``<stem>.md`` (``header``, a blank line, the table) and ``<stem>.json``
-    (:func:`results_json` with ``columns``); return both paths. The folder is created."""
+    (:func:`results_json` with ``columns``); return both paths. The folder is created.
+    ``peak_memory``: the table's optional peak memory column (:func:`markdown_table`)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(aggregate(by_name(results)), columns)
+    table = markdown_table(aggregate(by_name(results)), columns, peak_memory=peak_memory)
     md, js = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".json")
     md.write_text(f"{header}\n\n{table}\n" if header else f"{table}\n")
     js.write_text(json.dumps({"columns": list(columns), "rows": results_json(results)}, indent=1, default=str))

@@ -235,6 +235,7 @@ class Trainer:
                 dump_yaml(self.cfg, os.path.join(self.output_dir, "config.yaml"))
             log = RunLog(self.output_dir, enabled=self.info.is_main, resume_step=self.step if resume else None,
                          total=self.total_steps)
+            reset_peak_memory(self.info.device)
             try:
                 with self._stop_signals():
                     return self._loop(log)
@@ -391,12 +392,31 @@ class Trainer:
         return metrics
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this process's peak-memory count afresh (CUDA: the allocator's peak; CPU on Linux: the
+    peak resident set, via ``/proc/self/clear_refs``), so :func:`peak_memory` is this run's own
+    even when several runs share a process (``acamkd demo``, ``acamkd compare``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the process's peak since its start
+        pass
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """This process's peak memory so far, in MiB, and what was measured: on CUDA the most memory
-    tensors held on the device (``max_memory_allocated``), on CPU the peak resident set of the
-    whole process (``ru_maxrss``: data, models and Python included)."""
+    """Peak memory in MiB since :func:`reset_peak_memory`, and what was measured: on CUDA the most
+    memory tensors held on the device (``max_memory_allocated``), on CPU the peak resident set of
+    the whole process (data, models and Python included; Linux ``VmHWM``, else ``ru_maxrss``)."""
     if device.type == "cuda":
         return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_mem_kind": "cuda_max_allocated"}
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
 
-    return {"peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_mem_kind": "cpu_max_rss"}
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mem_mib": kib / 1024, "peak_mem_kind": "cpu_peak_rss"}

@@ -17,6 +17,7 @@ from acamkd.methods.registry import (
     register,
 )
 from acamkd.methods.acam import ACAM, ACAMLevel, ACAMLevelOutput, ACAMOptions  # noqa: E402  (registers "acam")
+from acamkd.methods.mimic import Mimic, MimicOptions  # noqa: E402  (registers "mimic")
 
 __all__ = [
     "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "DistillBatch", "DistillMethod", "LevelResult",

@@ -54,6 +54,11 @@ class DistillMethod(nn.Module):
         """Scalars worth logging from the last forward (no extra pass); empty by default."""
         return {}
 
+    def health_warnings(self) -> list[str]:
+        """Messages about a method that has stopped working (e.g. masks collapsed), each returned
+        once; the engine logs them with ``logger.warning`` at logging time. None by default."""
+        return []
+
     def inspect(self, teacher_feats: Mapping[str, Tensor], student_feats: Mapping[str, Tensor],
                 batch: Any = None) -> dict[str, Any]:
         """Per-level intermediate tensors (no grad) for pictures and analysis; empty by default.
@@ -188,7 +193,10 @@ def check_finite(named: Mapping[str, Tensor]) -> None:
         return
     # max and min propagate NaN and carry +-inf: both finite <=> every element finite. Two
     # plain reductions, cheaper than isfinite's elementwise temporaries.
-    flags = torch.stack([torch.isfinite(torch.stack([t.amax(), t.amin()]).float()).all() for t in named.values()])
+    # Outside autocast: its dtype rules reject mixed fp16/bf16 stacks (fp16 inputs in a CPU bf16 region).
+    with torch.autocast(next(iter(named.values())).device.type, enabled=False):
+        flags = torch.stack([torch.isfinite(torch.stack([t.amax(), t.amin()]).float()).all()
+                             for t in named.values()])
     if bool(flags.all()):
         return
     bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
