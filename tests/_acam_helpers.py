@@ -138,3 +138,47 @@ def mean_offdiag_dice(masks: Tensor) -> float:
         return 0.0
     values = [dice(masks[b, i], masks[b, j]).item() for b in range(B) for i in range(M) for j in range(M) if i != j]
     return sum(values) / len(values)
+
+
+# ------------------------------------------------------------- switches against mask collapse
+# Keyword sets of the anti-collapse switches (ACAMLevel arguments). mass_beta None resolves to 0
+# (descend, detach) or 10 (adversarial); 2.5 switches the floor on everywhere.
+COLLAPSE_KEYS = ("mask_activation", "mask_grad", "fusion_student_grad", "mass_beta")
+ACTIVATIONS = ("sigmoid", "partition")
+MASK_GRADS = ("descend", "adversarial", "detach")
+ALL_COLLAPSE_SETS = list(itertools.product(ACTIVATIONS, MASK_GRADS, (True, False), (None, 2.5)))
+
+
+def collapse_id(values) -> str:
+    activation, grad, fusion, beta = values
+    return f"{activation}-{grad}-{'fusion' if fusion else 'nofusion'}-beta{beta}"
+
+
+def collapse_kwargs(values) -> dict:
+    return dict(zip(COLLAPSE_KEYS, values))
+
+
+def variant(level: ACAMLevel, **changes) -> ACAMLevel:
+    """A level with the same parameters as ``level`` and some constructor arguments changed
+    (every switch that keeps the parameter shapes)."""
+    kwargs = dict(teacher_channels=level.teacher_channels, student_channels=level.student_channels,
+                  num_masks=level.num_masks, alpha=level.alpha, lam=level.lam, query=level.query,
+                  channel_mask=level.channel_mask, mask_norm=level.mask_norm, masks=level.masks,
+                  attention_layout=level.attention_layout, mask_activation=level.mask_activation,
+                  mask_grad=level.mask_grad, mass_rho=level.mass_rho, mass_beta=level.mass_beta,
+                  fusion_student_grad=level.fusion_student_grad, diagnostics=level.diagnostics)
+    kwargs.update(changes)
+    other = ACAMLevel(**kwargs).to(next(level.parameters()).dtype)
+    other.load_state_dict(level.state_dict())
+    return other
+
+
+def grads_of(loss: Tensor, named: dict[str, Tensor]) -> dict[str, Tensor]:
+    """d loss / d each tensor of ``named`` (zeros where it does not depend on one)."""
+    grads = torch.autograd.grad(loss, list(named.values()), retain_graph=True, allow_unused=True)
+    return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(named.items(), grads)}
+
+
+def partition_sums(masks: Tensor) -> Tensor:
+    """sum over the mask axis (1) of ``(B, M, ...)`` masks, in fp64."""
+    return masks.double().sum(1)

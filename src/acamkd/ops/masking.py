@@ -6,37 +6,81 @@ masks, ``K = HW`` for spatial masks. The loss of one family needs only the squar
 summed over the *other* axis (``sq_err`` ``(B, K)``), because
 ``sum_{k,p} (w[k] d[k,p])^2 = sum_k w[k]^2 sum_p d[k,p]^2``. So the ``(B, M, C, HW)``
 product of every mask with the difference is never formed.
+
+Switches against mask collapse (``docs/methods.md``, "Switches against mask collapse"):
+``activation="partition"`` (a softmax across the ``M`` masks at every unit, with
+:func:`partition_gain`), :func:`mass_floor` and :func:`reverse_gradient`. Cheap detached
+diagnostics of a mask family: :func:`mask_masses`, :func:`participation_ratio`,
+:func:`error_correlation`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "CHANNEL_MASK_FORMS",
     "MASK_NORMS",
+    "MASK_ACTIVATIONS",
     "EPS",
+    "channel_mask_logits",
     "channel_masks",
     "spatial_masks",
     "masked_mse",
+    "partition_gain",
+    "mass_floor",
+    "reverse_gradient",
     "pairwise_dice",
     "mean_pairwise_dice",
+    "mask_masses",
+    "participation_ratio",
+    "error_correlation",
 ]
 
 CHANNEL_MASK_FORMS = ("paper", "elementwise", "article")
 MASK_NORMS = ("mass", "energy")
+MASK_ACTIVATIONS = ("sigmoid", "partition")
 # Floor on loss and Dice denominators: sigmoid masks are > 0, but a mask family can underflow
 # to exact zeros in fp32 (logits below about -88); the floor turns 0/0 into 0 instead of NaN.
 EPS = 1e-12
 
 
-def channel_masks(pooled: Tensor, units: Tensor, form: str) -> Tensor:
+def channel_mask_logits(pooled: Tensor, units: Tensor, form: str) -> Tensor:
+    """The channel masks' logits ``(B, M, C)`` (what ``partition`` takes a softmax of).
+
+    ``paper``: ``a[m] * v[k]``; ``elementwise``: ``A[m, k] * v[k]``; ``article``: the log of its
+    mask, ``log sigmoid(<v, U_m>) + log sigmoid(U[m, k])`` (the article mask is a product of two
+    sigmoids; its softmax across masks is that product normalised across masks).
+    """
+    if form == "paper":
+        return units[None, :, None] * pooled[:, None, :]
+    if form == "elementwise":
+        return units[None, :, :] * pooled[:, None, :]
+    if form == "article":
+        return F.logsigmoid(pooled @ units.t())[:, :, None] + F.logsigmoid(units)[None]
+    raise ValueError(f"channel_mask must be one of {CHANNEL_MASK_FORMS}, got {form!r}")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in MASK_ACTIVATIONS:
+        raise ValueError(f"mask_activation must be one of {MASK_ACTIVATIONS}, got {activation!r}")
+
+
+def channel_masks(pooled: Tensor, units: Tensor, form: str, activation: str = "sigmoid") -> Tensor:
     """Channel masks ``(B, M, C)`` from the pooled fused feature ``v`` ``(B, C)``.
 
+    ``activation="sigmoid"`` (paper):
     ``paper``: ``sigmoid(a[m] * v[k])``, units ``a`` ``(M,)``.
     ``elementwise``: ``sigmoid(A[m, k] * v[k])``, units ``(M, C)``.
     ``article``: ``sigmoid(<v, U_m>) * sigmoid(U[m, k])``, units ``(M, C)``.
+
+    ``activation="partition"``: ``softmax_m`` of :func:`channel_mask_logits` at every channel,
+    so ``sum_m M^c[b, m, k] = 1`` for every image and channel.
     """
+    _check_activation(activation)
+    if activation == "partition":
+        return torch.softmax(channel_mask_logits(pooled, units, form), dim=1)
     if form == "paper":
         return torch.sigmoid(units[None, :, None] * pooled[:, None, :])
     if form == "elementwise":
@@ -46,9 +90,15 @@ def channel_masks(pooled: Tensor, units: Tensor, form: str) -> Tensor:
     raise ValueError(f"channel_mask must be one of {CHANNEL_MASK_FORMS}, got {form!r}")
 
 
-def spatial_masks(tokens: Tensor, units: Tensor) -> Tensor:
-    """Spatial masks ``(B, M, N)``: ``sigmoid(sum_k u[m, k] z[b, p, k])``; tokens ``(B, N, C)``."""
-    return torch.sigmoid(torch.matmul(units, tokens.transpose(1, 2)))
+def spatial_masks(tokens: Tensor, units: Tensor, activation: str = "sigmoid") -> Tensor:
+    """Spatial masks ``(B, M, N)`` from tokens ``(B, N, C)``, logits ``s[b,m,p] = sum_k u[m,k] z[b,p,k]``.
+
+    ``activation="sigmoid"`` (paper): ``sigmoid(s)``. ``"partition"``: ``softmax_m(s)`` at every
+    position, so ``sum_m M^s[b, m, p] = 1``.
+    """
+    _check_activation(activation)
+    logits = torch.matmul(units, tokens.transpose(1, 2))
+    return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
 
 
 def masked_mse(sq_err: Tensor, masks: Tensor, other_size: int, norm: str) -> Tensor:
@@ -67,6 +117,48 @@ def masked_mse(sq_err: Tensor, masks: Tensor, other_size: int, norm: str) -> Ten
     else:
         raise ValueError(f"mask_norm must be one of {MASK_NORMS}, got {norm!r}")
     return (numerator / (denominator * other_size).clamp_min(EPS)).mean()
+
+
+def partition_gain(num_masks: int, norm: str) -> float:
+    """The factor that puts a ``partition`` family's masked loss at the paper mode's start scale.
+
+    For a constant mask ``w = c`` the masked loss of one mask is ``c * E`` under ``mass``
+    (``sum c^2 e / (R sum c) = c sum e / (R K)``, ``E`` the plain MSE) and ``E`` under ``energy``.
+    At init the paper's sigmoid masks are ~``1/2``, partition masks ~``1/M``: the gain is
+    ``(1/2) / (1/M) = M / 2`` under ``mass`` and ``1`` under ``energy`` (exact for uniform masks,
+    i.e. mask units at 0; close to it for the default ``init_std = 0.01``).
+    """
+    if norm == "mass":
+        return num_masks / 2.0
+    if norm == "energy":
+        return 1.0
+    raise ValueError(f"mask_norm must be one of {MASK_NORMS}, got {norm!r}")
+
+
+def mass_floor(masks: Tensor, rho: float) -> Tensor:
+    """``mean_b sum_m relu(rho - mean_k w[b, m, k])^2`` over masks ``(B, M, K)`` (unweighted).
+
+    Zero while every mask of every image keeps a mean of at least ``rho``; below it, a quadratic
+    pull back up whose gradient does not vanish as the mask shrinks (``2 (rho - mean w) / K`` per unit).
+    """
+    return torch.relu(rho - masks.mean(-1)).square().sum(1).mean()
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward (Ganin & Lempitsky's gradient reversal)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return -grad
+
+
+def reverse_gradient(x: Tensor) -> Tensor:
+    """``x`` unchanged; in the backward pass everything upstream of ``x`` receives ``-dL/dx``."""
+    return _ReverseGradient.apply(x)
 
 
 def pairwise_dice(masks: Tensor) -> Tensor:
@@ -88,3 +180,33 @@ def mean_pairwise_dice(masks: Tensor) -> Tensor:
     off = 1.0 - torch.eye(num_masks, dtype=dice.dtype, device=dice.device)
     off_diagonal = (dice * off).sum((1, 2))
     return (off_diagonal / (num_masks * (num_masks - 1))).mean()
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def mask_masses(masks: Tensor) -> Tensor:
+    """Per-image mass of every mask, ``(B, M)``: ``mass[b, m] = mean_k w[b, m, k]``."""
+    return masks.mean(-1)
+
+
+def participation_ratio(masses: Tensor) -> Tensor:
+    """``mean_b (sum_m mass[b,m])^2 / (M sum_m mass[b,m]^2)`` over masses ``(B, M)``, in ``[1/M, 1]``.
+
+    1: every mask carries the same mass; ``1/M``: one mask carries all of it (the others are
+    off). An all-zero family gives 0 (the denominator is floored at ``EPS``).
+    """
+    num_masks = masses.shape[1]
+    ratio = masses.sum(1).square() / (num_masks * masses.square().sum(1)).clamp_min(EPS)
+    return ratio.mean()
+
+
+def error_correlation(masks: Tensor, sq_err: Tensor) -> Tensor:
+    """``mean_{b,m} Pearson_k(w[b, m, :], e[b, :])``: does a mask sit where the student is wrong?
+
+    masks ``(B, M, K)``, sq_err ``(B, K)`` (the student's squared error per unit, summed over the
+    other axis). A constant mask or error (e.g. ``K = 1``) contributes 0.
+    """
+    w = masks - masks.mean(-1, keepdim=True)
+    e = (sq_err - sq_err.mean(-1, keepdim=True))[:, None, :]
+    covariance = (w * e).sum(-1)
+    scale = (w.square().sum(-1) * e.square().sum(-1)).sqrt()
+    return (covariance / scale.clamp_min(EPS)).mean()
