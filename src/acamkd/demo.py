@@ -1,8 +1,9 @@
 """``acamkd demo``: the whole story offline on the built-in ``shapes`` dataset.
 
-Trains a large teacher and a small student baseline, distils the same student with ACAM-KD from
-that teacher, and prints one table of real evaluation numbers (teacher, student, student +
-ACAM-KD, with train seconds per step):
+Trains a large teacher and a small student baseline, distils the same student from that teacher
+with plain feature mimicking (``mimic``: aligned MSE, the yardstick) and with ACAM-KD, and prints
+one table of real evaluation numbers (teacher, student, student + mimic, student + ACAM-KD, with
+train seconds per step):
 
 * ``--task det`` (default): RetinaNet R50 teacher, RetinaNet R18 student; COCO box AP, AP50,
   APs, APm, APl. Configs ``configs/demo/shapes_det_*.yaml`` (200/50 images of 256x320, 12 SGD
@@ -16,8 +17,8 @@ A profile scales the configs for a CPU (easy scenes of 128x160, AdamW: from rand
 learns in the few hundred steps a CPU affords, where the configs' SGD scores 0 that early):
 
 * ``full`` (default): at most an hour on 2 CPU cores; the teacher trains twice as many steps as
-  the student (it must end clearly above the student for distillation to mean anything; student
-  and student + ACAM-KD always share one schedule);
+  the student (it must end clearly above the student for distillation to mean anything; the
+  student and the distilled students always share one schedule);
 * ``--quick``: under 10 minutes on 2 CPU cores (numbers are real, but these are very short runs);
 * ``--smoke``: seconds, for CI (2 steps on 8 tiny images).
 
@@ -64,7 +65,7 @@ class DemoTask:
     out_prefix: str  # runs go to <out>/<out_prefix><profile>/
     columns: tuple[str, ...]  # metric keys printed x100
     metric_name: str  # what the columns are, for the table's header
-    profiles: dict[str, list[str]]  # overrides for all three runs
+    profiles: dict[str, list[str]]  # overrides for every run
     teacher_extra: dict[str, list[str]] = field(default_factory=dict)  # extra overrides for the teacher run
 
 
@@ -127,7 +128,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="runs go to OUT/<profile>/ (det) or OUT/seg-<profile>/ (seg), one folder per run")
     parser.add_argument("--data", default="data", help="generated data goes to DATA/shapes-<profile>")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for all three runs")
+    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     return parser
 
 
@@ -143,7 +144,9 @@ def run_dir(args: argparse.Namespace) -> Path:
 
 
 def build_configs(args: argparse.Namespace) -> dict[str, Any]:
-    """The three runs' configs (``teacher``, ``student``, ``acam``) for parsed demo arguments."""
+    """The runs' configs (``teacher``, ``student``, ``mimic``, ``acam``) for parsed demo arguments:
+    ``mimic`` is the ACAM-KD config with plain aligned-MSE feature distillation instead (the
+    yardstick: what the cooperative masks add over plain feature mimicking)."""
     task, out = TASKS[args.task], run_dir(args)
     common = [*task.profiles[args.profile], f"data.root={Path(args.data) / f'shapes-{args.profile}'}",
               f"train.seed={args.seed}"]
@@ -152,6 +155,9 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     common = [*common, *args.overrides]
     return {"teacher": _config(task, "teacher", [*teacher, f"train.output_dir={out / 'teacher'}"]),
             "student": _config(task, "student", [*common, f"train.output_dir={out / 'student'}"]),
+            "mimic": _config(task, "acam", [*common, "method.name=mimic", "method.options={}",
+                                            f"train.output_dir={out / 'mimic'}",
+                                            f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"]),
             "acam": _config(task, "acam", [*common, f"train.output_dir={out / 'acam'}",
                                            f"teacher.checkpoint={out / 'teacher' / 'last.pt'}"])}
 
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     teacher = f"teacher ({teacher_cfg.student.arch} {teacher_cfg.student.backbone})"
     runs = [Run(teacher, "train", teacher_cfg),
             Run(f"student ({student_cfg.student.arch} {student_cfg.student.backbone})", "train", student_cfg),
+            Run("student + mimic (aligned MSE)", "distill", cfgs["mimic"], needs=[teacher]),
             Run("student + ACAM-KD", "distill", cfgs["acam"], needs=[teacher])]
     rows = {res.run.name: res.metrics for res in run_all(runs)}
     table = format_table(rows, task.columns)
