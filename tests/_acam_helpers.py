@@ -166,7 +166,8 @@ def variant(level: ACAMLevel, **changes) -> ACAMLevel:
                   channel_mask=level.channel_mask, mask_norm=level.mask_norm, masks=level.masks,
                   attention_layout=level.attention_layout, mask_activation=level.mask_activation,
                   mask_grad=level.mask_grad, mass_rho=level.mass_rho, mass_beta=level.mass_beta,
-                  fusion_student_grad=level.fusion_student_grad, diagnostics=level.diagnostics)
+                  fusion_student_grad=level.fusion_student_grad, diagnostics=level.diagnostics,
+                  feature_norm=level.feature_norm)
     kwargs.update(changes)
     other = ACAMLevel(**kwargs).to(next(level.parameters()).dtype)
     other.load_state_dict(level.state_dict())

@@ -43,6 +43,50 @@ def _check(reference, level, teacher, student, dtype):
     return fast, ref
 
 
+# ------------------------------------------------------------------------ feature_norm
+@pytest.mark.parametrize("collapse", ALL_COLLAPSE_SETS[::3], ids=collapse_id)
+def test_standardised_features_match_both_references_fp64(collapse):
+    base = SWITCH_SETS[ALL_COLLAPSE_SETS.index(collapse) % len(SWITCH_SETS)]
+    level = make_level(10, 6, 3, base, dtype=F64, feature_norm="standardise", **collapse_kwargs(collapse))
+    teacher, student = make_feats(2, 10, 6, (4, 5), (3, 3), dtype=F64)
+    teacher = 30.0 * teacher + 4.0  # large, offset features, as a detector's FPN from scratch
+    _check(acam_level_plain, level, teacher, student, F64)
+    _check(acam_level_vectorised, level, teacher, student, F64)
+
+
+def test_standardised_losses_do_not_depend_on_the_teacher_scale_and_the_pair_is_standardised():
+    level = make_level(8, 5, 3, SWITCH_SETS[0], dtype=F64, feature_norm="standardise")
+    teacher, student = make_feats(2, 8, 5, (4, 4), dtype=F64, requires_grad=False)
+    base = level(teacher, student)
+    scaled = level(1e3 * teacher - 25.0, student)
+    for key, value in base.losses.items():
+        torch.testing.assert_close(scaled.losses[key], value, rtol=1e-5, atol=1e-9)  # eps / var ~ 1e-5
+    aligned = base.aligned_student
+    torch.testing.assert_close(aligned.mean((2, 3)), torch.zeros(2, 8, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(aligned.var((2, 3), unbiased=False), torch.ones(2, 8, dtype=F64), rtol=1e-3, atol=0)
+    # the raw pair gives another loss: the switch is not a no-op
+    raw = variant(level, feature_norm="none")(teacher, student)
+    assert abs(raw.losses["spatial"].item() - base.losses["spatial"].item()) > 1e-3
+
+
+def test_standardised_features_under_bf16_autocast_and_a_one_cell_level():
+    level = make_level(8, 5, 3, SWITCH_SETS[0], feature_norm="standardise")
+    for hw in ((4, 6), (1, 1)):  # a 1x1 level (P7 of a small image): every unit standardises to 0
+        teacher, student = make_feats(2, 8, 5, hw, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = level(300.0 * teacher, student)
+        total = sum(out.losses.values())
+        assert torch.isfinite(total), hw
+        total.backward()
+        assert torch.isfinite(student.grad).all(), hw
+
+
+def test_feature_norm_is_checked_and_defaults_to_the_paper():
+    assert ACAMOptions().feature_norm == "none"
+    with pytest.raises(OptionError, match="feature_norm"):
+        ACAMOptions(feature_norm="standardize")
+
+
 # ------------------------------------------------------------------------ equivalence
 @pytest.mark.parametrize("collapse", ALL_COLLAPSE_SETS, ids=collapse_id)
 def test_every_collapse_switch_matches_plain_reference_fp64(collapse):

@@ -77,7 +77,7 @@ def test_one_teacher_then_plain_and_each_method_per_seed(tmp_path):
     assert plain0.teacher is None and plain0.method.name is None and not plain0.train.inherit_teacher
     assert plain0.student.backbone == "resnet18" and plain0.train.output_dir == str(out / "plain" / "seed0")
     # other methods with their defaults; CONFIG's own method keeps its options; all from the teacher run
-    assert mimic0.method.name == "mimic" and mimic0.method.options == {"check_finite": True, "weight": 1.0}
+    assert mimic0.method.name == "mimic" and mimic0.method.options == {"check_finite": True, "weight": 1.0, "feature_norm": "none"}
     assert acam0.method.name == "acam" and acam0.method.options["num_masks"] == 6
     for cfg in (mimic0, acam0, mimic1, acam1):
         assert cfg.teacher.checkpoint == str(out / "teacher" / "seed0" / "last.pt")

@@ -76,6 +76,58 @@ def test_matches_the_line_by_line_reference_values_and_gradients(weight):
         assert stats[f"{name}.mse"] == pytest.approx(losses[f"{name}.mse"].item() / weight, rel=1e-12)
 
 
+def reference_pearson_loss(teacher, aligned):
+    """``mean over (b, c) of 2 (1 - r_bc)``: one minus the Pearson correlation of the teacher's and
+    the aligned student's maps of channel c in image b, written with explicit sums; equal to the
+    MSE of the two standardised maps up to the variance epsilon."""
+    B, C = teacher.shape[:2]
+    total = teacher.new_zeros(())
+    for b in range(B):
+        for c in range(C):
+            t, s = teacher[b, c].flatten(), aligned[b, c].flatten()
+            t, s = t - t.sum() / t.numel(), s - s.sum() / s.numel()
+            r = (t * s).sum() / ((t * t).sum().sqrt() * (s * s).sum().sqrt())
+            total = total + 2 * (1 - r)
+    return total / (B * C)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_standardised_mimic_is_one_minus_the_pearson_correlation(weight):
+    # PKD's identity: standardise both maps, then their mean squared difference is 2 (1 - r).
+    method = Mimic(TEACHER_CHANNELS, STUDENT_CHANNELS, weight=weight, feature_norm="standardise").double()
+    teacher, student = make_feats(grids={"p3": ((6, 5), (6, 5)), "p4": ((4, 4), (4, 4))})
+    teacher = {n: 50.0 * t + 7.0 for n, t in teacher.items()}  # large, offset features: no effect
+    losses = method(teacher, student)
+    for name in TEACHER_CHANNELS:
+        conv = method.level(name)
+        aligned = F.conv2d(student[name].detach(), conv.weight.detach(), conv.bias.detach())
+        ref = weight * reference_pearson_loss(teacher[name], aligned)
+        # eps = 1e-5 in the variance: relative effect ~1e-5 / var on unit-scale maps
+        torch.testing.assert_close(losses[f"{name}.mse"].detach(), ref, rtol=1e-4, atol=1e-6)
+        inspected = method.inspect(teacher, student)[name]["aligned_student"]
+        torch.testing.assert_close(inspected.mean((2, 3)), torch.zeros(2, TEACHER_CHANNELS[name], dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(inspected.var((2, 3), unbiased=False),
+                                   torch.ones(2, TEACHER_CHANNELS[name], dtype=torch.float64), rtol=1e-3, atol=0)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(student[n].grad).all() and student[n].grad.abs().sum() > 0 for n in student)
+
+
+def test_standardised_mimic_does_not_depend_on_the_teacher_scale_or_the_batch():
+    teacher, student = make_feats(batch=3, requires_grad=False)
+    torch.manual_seed(0)
+    method = Mimic(TEACHER_CHANNELS, STUDENT_CHANNELS, feature_norm="standardise").double()
+    base = method(teacher, student)
+    scaled = method({n: 1e3 * t - 40.0 for n, t in teacher.items()}, student)
+    for key in base:
+        torch.testing.assert_close(scaled[key], base[key], rtol=1e-4, atol=0)  # eps / var ~ 1e-5
+    # per image statistics: an image's loss is the same alone or in a batch
+    alone = [method({n: t[i:i + 1] for n, t in teacher.items()}, {n: s[i:i + 1] for n, s in student.items()})
+             for i in range(3)]
+    for key in base:
+        torch.testing.assert_close(base[key], sum(a[key] for a in alone) / 3, rtol=1e-10, atol=0)
+
+
 def test_the_student_is_resized_to_the_teacher_grid_first():
     grids = {"p3": ((4, 6), (2, 3)), "p4": ((3, 3), (5, 4))}  # up- and downsampling
     method = Mimic(TEACHER_CHANNELS, STUDENT_CHANNELS).double()
@@ -133,12 +185,15 @@ def test_options_are_checked():
         with pytest.raises(ValueError, match="weight"):
             Mimic(TEACHER_CHANNELS, weight=bad)
     assert MimicOptions().weight == 1.0
+    with pytest.raises(ValueError, match="feature_norm"):
+        Mimic(TEACHER_CHANNELS, feature_norm="standardize")
+    assert MimicOptions().feature_norm == "none"
 
 
 def test_a_config_can_select_mimic_and_checks_its_options():
     base = ["method.name=mimic", "method.options={}", "teacher.checkpoint=null"]
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "shapes_det_acam.yaml"
     cfg = load_config(demo, [*base, "method.options.weight=0.5"])
-    assert cfg.method.options == {"check_finite": True, "weight": 0.5}
+    assert cfg.method.options == {"check_finite": True, "weight": 0.5, "feature_norm": "none"}
     with pytest.raises(ConfigError, match="method.options.weight"):
         load_config(demo, [*base, "method.options.weight=-1"])

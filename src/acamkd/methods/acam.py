@@ -45,6 +45,7 @@ from acamkd.methods.base import (
 )
 from acamkd.methods.registry import register
 from acamkd.ops.attention import cross_attention_tokens
+from acamkd.ops.normalise import FEATURE_NORMS, standardise
 from acamkd.ops.masking import (
     CHANNEL_MASK_FORMS,
     EPS,
@@ -72,6 +73,7 @@ MaskFamily = Literal["both", "spatial", "channel"]
 AttentionLayout = Literal["split", "single"]
 MaskActivation = Literal["sigmoid", "partition"]
 MaskGrad = Literal["descend", "adversarial", "detach"]
+FeatureNorm = Literal["none", "standardise"]
 
 QUERY_SIDES = typing.get_args(QuerySide)
 ATTENTION_LAYOUTS = {"split": True, "single": False}  # -> split_value_heads
@@ -80,6 +82,7 @@ MASK_GRADS = typing.get_args(MaskGrad)
 assert typing.get_args(ChannelMaskForm) == CHANNEL_MASK_FORMS and typing.get_args(MaskNorm) == MASK_NORMS
 assert typing.get_args(AttentionLayout) == tuple(ATTENTION_LAYOUTS)
 assert typing.get_args(MaskActivation) == MASK_ACTIVATIONS
+assert typing.get_args(FeatureNorm) == FEATURE_NORMS
 
 # mass_beta when left unset (None): off (0) for "descend" and "detach", 10 for "adversarial" (the
 # value the mask-collapse study ran with: rho 0.3, beta 10, masks ended at mean 0.43).
@@ -145,6 +148,7 @@ class ACAMOptions(MethodOptions):
     mass_beta: float | None = None  # mass floor weight; None: 0 (paper, detach) / 10 (adversarial)
     fusion_student_grad: bool = True  # False: the aligned student enters STCA-FF detached
     diagnostics: bool = True  # extra ACAM.statistics(): masses, participation, error correlation, boxes
+    feature_norm: FeatureNorm = "none"  # none (paper) | standardise: per image and channel over positions (PKD)
 
     def validate(self) -> None:
         super().validate()
@@ -158,6 +162,7 @@ class ACAMOptions(MethodOptions):
         check_choice("attention_layout", self.attention_layout, tuple(ATTENTION_LAYOUTS))
         _check_switches(self.mask_activation, self.mask_grad, self.mass_rho, self.mass_beta,
                         self.fusion_student_grad, self.diagnostics)
+        check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
 
     def level_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`ACAMLevel` (every option but ``check_finite``)."""
@@ -177,7 +182,7 @@ class ACAMLevelOutput:
     channel_masks: Tensor | None  # (B, M, C)
     spatial_masks: Tensor | None  # (B, M, H, W)
     fused: Tensor  # (B, C, H, W)
-    aligned_student: Tensor  # (B, C, H, W)
+    aligned_student: Tensor  # (B, C, H, W); standardised under feature_norm="standardise"
     stats: dict[str, Tensor] = field(default_factory=dict)
     channel_error: Tensor | None = None  # (B, C), detached; diagnostics only
     spatial_error: Tensor | None = None  # (B, H, W), detached; diagnostics only
@@ -244,6 +249,12 @@ class ACAMLevel(nn.Module):
       STCA-FF's keys/values (queries under ``query="student"``); False: it enters STCA-FF
       detached, so the student is trained only through ``d``.
     * ``diagnostics``: also return the detached per-unit errors for :meth:`ACAM.statistics`.
+    * ``feature_norm``: "none" (paper) | "standardise": the teacher feature and the aligned
+      student are standardised per image and channel over the positions
+      (:func:`acamkd.ops.normalise.standardise`, PKD's normalisation) right after the alignment;
+      everything after (STCA-FF, the masks, the losses, ``aligned_student``) sees the
+      standardised pair, so the per-unit errors are ``2 (1 - r)`` per element whatever the
+      teacher's feature scale.
 
     Numerics: the alignment, the feature difference, the masks and every loss are computed in
     fp32 even under autocast; only the attention (projections + SDPA) runs in the autocast
@@ -269,6 +280,7 @@ class ACAMLevel(nn.Module):
         mass_beta: float | None = None,
         fusion_student_grad: bool = True,
         diagnostics: bool = True,
+        feature_norm: FeatureNorm = "none",
     ) -> None:
         super().__init__()
         self.teacher_channels = check_int("teacher_channels", teacher_channels, 2)
@@ -287,6 +299,7 @@ class ACAMLevel(nn.Module):
         self.mask_activation, self.mask_grad = mask_activation, mask_grad
         self.mass_rho = float(mass_rho)
         self.fusion_student_grad, self.diagnostics = fusion_student_grad, diagnostics
+        self.feature_norm = check_choice("feature_norm", feature_norm, FEATURE_NORMS)
         # Loss gain: 1.0 except under partition (M/2 with mass, 1 with energy).
         self.loss_gain = partition_gain(self.num_masks, self.mask_norm) if mask_activation == "partition" else 1.0
 
@@ -314,7 +327,7 @@ class ACAMLevel(nn.Module):
                 f"channel_mask={self.channel_mask!r}, mask_norm={self.mask_norm!r}, masks={self.masks!r}, "
                 f"attention_layout={self.attention_layout!r}, mask_activation={self.mask_activation!r}, "
                 f"mask_grad={self.mask_grad!r}, mass_rho={self.mass_rho}, mass_beta={self.mass_beta}, "
-                f"fusion_student_grad={self.fusion_student_grad}")
+                f"fusion_student_grad={self.fusion_student_grad}, feature_norm={self.feature_norm!r}")
 
     def mask_branch_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the mask branch: everything but the alignment conv.
@@ -363,6 +376,8 @@ class ACAMLevel(nn.Module):
             teacher_tokens = _upcast(teacher_feat).flatten(2).transpose(1, 2)  # (B, N, C) view
             student_tokens = _upcast(student_feat).flatten(2).transpose(1, 2)  # (B, N, C_s) view
             aligned = F.linear(student_tokens, *self._linear(self.align))  # (B, N, C) fp32
+            if self.feature_norm == "standardise":  # per image and channel, over the N positions
+                teacher_tokens, aligned = standardise(teacher_tokens, 1), standardise(aligned, 1)
             diff_sq = (teacher_tokens - aligned).square()  # (B, N, C) fp32
 
         # STCA-FF under the caller's autocast (bf16 fused kernels on GPU).

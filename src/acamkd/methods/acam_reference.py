@@ -11,8 +11,9 @@ compared with them value for value and gradient for gradient. Neither uses :mod:
   per level, every mask broadcast against the feature difference. The honest speed baseline.
 
 Both implement every switch of :class:`~acamkd.methods.acam.ACAMLevel`, including those against
-mask collapse (``mask_activation``, ``mask_grad``, the mass floor, ``fusion_student_grad``),
-independently of the fast path: the softmax across masks is written out (``exp / sum``), the
+mask collapse (``mask_activation``, ``mask_grad``, the mass floor, ``fusion_student_grad``) and
+``feature_norm`` (as ``F.instance_norm``), independently of the fast path: the softmax across
+masks is written out (``exp / sum``), the
 gradient reversal is ``2 sg(w) - w`` (value ``w``, exactly, by Sterbenz's lemma; gradient ``-1``)
 rather than an autograd function, and the floor and the partition gain are spelled out.
 """
@@ -33,11 +34,14 @@ _EPS = 1e-12
 
 
 def _resize_and_project(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tensor):
-    """Shared prologue: resize student to the teacher grid, align, project with the 1x1 convs."""
+    """Shared prologue: resize student to the teacher grid, align, standardise the pair
+    (``feature_norm``), project with the 1x1 convs. Returns the teacher feature as used after."""
     H, W = teacher_feat.shape[-2:]
     if student_feat.shape[-2:] != (H, W):
         student_feat = F.interpolate(student_feat, size=(H, W), mode="bilinear", align_corners=False)
     aligned = level.align(student_feat)  # F_S' (B, C, H, W)
+    if level.feature_norm == "standardise":  # instance norm without affine: per image, per channel
+        teacher_feat, aligned = F.instance_norm(teacher_feat, eps=1e-5), F.instance_norm(aligned, eps=1e-5)
     # fusion_student_grad=False: STCA-FF reads a constant copy of F_S'.
     fusion_student = aligned if level.fusion_student_grad else aligned.detach()
     if level.query == "teacher":
@@ -47,7 +51,7 @@ def _resize_and_project(level: ACAMLevel, teacher_feat: Tensor, student_feat: Te
     Q = level.query_proj(query_src)  # (B, C/2, H, W)
     K = level.key_proj(context_src)  # (B, C/2, H, W)
     V = level.value_proj(context_src)  # (B, C, H, W)
-    return aligned, Q, K, V
+    return teacher_feat, aligned, Q, K, V
 
 
 def _reversed(x: Tensor) -> Tensor:
@@ -67,7 +71,7 @@ def acam_level_plain(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tenso
     """The spec's equations, one image, one mask and one mask pair at a time."""
     B, C, H, W = teacher_feat.shape
     N, M = H * W, level.num_masks
-    aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
+    teacher_feat, aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
     c_q = Q.shape[1]
 
     # STCA-FF: A = softmax_j(Q_i . K_j / sqrt(C/2)); F_fused[:, i] = sum_j A[i, j] V[:, j]
@@ -198,7 +202,7 @@ def acam_level_vectorised(level: ACAMLevel, teacher_feat: Tensor, student_feat: 
     """Materialised attention (one bmm per level) and broadcast masks: the speed baseline."""
     B, C, H, W = teacher_feat.shape
     N = H * W
-    aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
+    teacher_feat, aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
     c_q = Q.shape[1]
     q = Q.flatten(2).transpose(1, 2)  # (B, N, C/2)
     k = K.flatten(2)  # (B, C/2, N)

@@ -2,10 +2,15 @@
 
 Per tapped level (spec ``../shared/spec/baselines.md``, "Feature mimicking")::
 
-    L = w * mean over (B, C, H, W) of (F_T - f_align(F_S))^2
+    L = w * mean over (B, C, H, W) of (n(F_T) - n(f_align(F_S)))^2
 
 ``f_align`` is a 1x1 conv ``C_s -> C_t`` with bias (ACAM-KD's ``align``); when the grids differ
 the student feature is first resized to the teacher's grid (bilinear, ``align_corners=False``).
+``n`` is the identity (``feature_norm="none"``, FitNet) or, with ``feature_norm="standardise"``,
+the per-image, per-channel standardisation over the positions of
+:func:`acamkd.ops.normalise.standardise` (PKD's normalisation; the loss is then
+``w * 2 (1 - r)`` averaged over images and channels, ``r`` the Pearson correlation of a
+channel's two maps: PKD's loss at ``w = loss_weight / 2``).
 The spec fixes no authors' code for this baseline, so ``w`` is unverified; the default 1.0 and
 where it comes from are in ``docs/methods.md`` ("Feature mimicking").
 
@@ -14,14 +19,15 @@ Everything here is training-only: after distillation only the student is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, check_weight
+from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, check_choice, check_weight
 from acamkd.methods.registry import register
+from acamkd.ops.normalise import FEATURE_NORMS, standardise
 
 __all__ = ["Mimic", "MimicOptions", "mimic_level_loss"]
 
@@ -34,10 +40,12 @@ class MimicOptions(MethodOptions):
     """
 
     weight: float = 1.0  # w: scale of every level's MSE (>= 0); docs/methods.md says where 1.0 comes from
+    feature_norm: Literal["none", "standardise"] = "none"  # none (FitNet) | standardise (PKD's normalisation)
 
     def validate(self) -> None:
         super().validate()
         check_weight("weight", self.weight)
+        check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -45,8 +53,10 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def mimic_level_loss(align: nn.Conv2d, teacher_feat: Tensor, student_feat: Tensor) -> tuple[Tensor, Tensor]:
-    """The unweighted MSE of one level and the aligned student.
+def mimic_level_loss(align: nn.Conv2d, teacher_feat: Tensor, student_feat: Tensor,
+                     feature_norm: str = "none") -> tuple[Tensor, Tensor]:
+    """The unweighted MSE of one level and the aligned student (standardised, with the teacher,
+    under ``feature_norm="standardise"``).
 
     ``teacher_feat`` ``(B, C_t, H, W)``, ``student_feat`` ``(B, C_s, H_s, W_s)`` (resized to
     ``(H, W)`` first when the grids differ), ``align`` a 1x1 conv ``C_s -> C_t``. Returns
@@ -63,7 +73,10 @@ def mimic_level_loss(align: nn.Conv2d, teacher_feat: Tensor, student_feat: Tenso
         if weight.dtype != student.dtype:  # an fp32 conv on fp64 inputs (or the reverse): the inputs' precision
             weight, bias = weight.to(student.dtype), None if bias is None else bias.to(student.dtype)
         aligned = F.conv2d(student, weight, bias)  # (B, C_t, H, W)
-        mse = (_upcast(teacher_feat).to(aligned.dtype) - aligned).square().mean()
+        teacher = _upcast(teacher_feat).to(aligned.dtype)
+        if feature_norm == "standardise":
+            teacher, aligned = standardise(teacher, (2, 3)), standardise(aligned, (2, 3))
+        mse = (teacher - aligned).square().mean()
     return mse, aligned
 
 
@@ -88,6 +101,6 @@ class Mimic(LevelwiseMethod):
 
     def forward_level(self, level: nn.Module, teacher_feat: Tensor, student_feat: Tensor, batch: Any,
                       name: str) -> LevelResult:
-        mse, aligned = mimic_level_loss(level, teacher_feat, student_feat)
+        mse, aligned = mimic_level_loss(level, teacher_feat, student_feat, self.options.feature_norm)
         return LevelResult(losses={"mse": self.options.weight * mse}, stats={"mse": mse.detach()},
                            tensors={"aligned_student": aligned})
