@@ -289,3 +289,27 @@ def test_a_damaged_teacher_or_eval_checkpoint_is_refused_by_name(tmp_path):
     _flip_a_tensor_byte(last, weight)
     with pytest.raises(ValueError, match="last.pt' is damaged"):
         load_state_dict_file(last)
+
+
+@pytest.mark.parametrize("command, words, not_words", [
+    ("train", "--resume", "same command"),
+    ("distill", "--resume", "same command"),
+    ("demo", "Run the same command again", "--resume"),
+    ("compare", "Run the same command again", "--resume"),
+])
+def test_a_stop_signal_tells_how_to_continue_for_each_command(command, words, not_words, monkeypatch, capsys):
+    """One run resumes with --resume; a run set (demo, compare) has no --resume: the same command
+    line reuses finished runs and resumes the interrupted one (experiments.run_all)."""
+    from acamkd import cli
+    from acamkd.engine.trainer import TrainingInterrupted
+
+    monkeypatch.setattr("sys.argv", ["acamkd", command, "cfg.yaml", "--out", "runs x"])
+
+    def stopped():
+        raise TrainingInterrupted(signal.SIGTERM, 7, "runs x/last.pt")
+
+    assert cli._guarded(command, stopped) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 7" in err and "runs x/last.pt" in err
+    assert words in err and not_words not in err
+    assert f"acamkd {command} cfg.yaml --out 'runs x'" in err

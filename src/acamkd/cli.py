@@ -102,6 +102,22 @@ def _resume_command() -> str:
     return " ".join(["acamkd", *map(shlex.quote, argv), "--resume"])
 
 
+# Commands that run a set of training runs: the same command line continues them (finished runs
+# are reused, the interrupted one resumes from its last checkpoint); they take no --resume.
+_RUN_SET_COMMANDS = ("demo", "compare")
+
+
+def _continue_hint(command: str) -> str:
+    """How to continue after a stop signal: ``--resume`` for one run, the same command for a run set."""
+    import shlex
+
+    if command in _RUN_SET_COMMANDS:
+        again = " ".join(["acamkd", *map(shlex.quote, sys.argv[1:])])
+        return (f"Run the same command again: finished runs are reused and the interrupted one resumes "
+                f"from its last checkpoint:\n  {again}")
+    return f"Resume with:\n  {_resume_command()}"
+
+
 def _guarded(command: str, job) -> int:
     """Run ``job()``; a user error prints one named message (no traceback) and exits 1; a stop
     signal that saved a checkpoint prints how to resume and exits 128 + the signal number."""
@@ -111,7 +127,7 @@ def _guarded(command: str, job) -> int:
     try:
         return job()
     except TrainingInterrupted as stop:
-        print(f"acamkd {command}: {stop}. Resume with:\n  {_resume_command()}", file=sys.stderr)
+        print(f"acamkd {command}: {stop}. {_continue_hint(command)}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"acamkd {command}: interrupted before training started (nothing to save)", file=sys.stderr)

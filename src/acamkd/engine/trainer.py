@@ -61,7 +61,7 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, step: int, checkpoint: str) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to "
-                         f"{checkpoint}: continue with --resume")
+                         f"{checkpoint}")  # how to continue is the caller's to say (CLI: --resume, or rerun a run set)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
