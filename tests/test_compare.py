@@ -224,6 +224,13 @@ def test_real_runs_two_seeds_plain_mimic_acam(tmp_path, monkeypatch):
     log = (out / "mimic" / "seed1" / "metrics.jsonl").read_text().splitlines()
     assert "distill.p3.mse" in json.loads(log[0])  # the mimic loss was trained on
     assert "| model | AP | AP50 | APs | APm | APl | train s/step | peak MiB |" in (out / "results.md").read_text()
+    # the second table: masks and loss balance of the distilled rows, from their metrics.jsonl
+    assert "Masks and loss balance" in (out / "results.md").read_text()
+    acam_seed0 = data["rows"]["acam"]["runs"]["0"]["metrics"]
+    assert 0.0 < acam_seed0["spatial_mask_mean@start"] < 1.0 and acam_seed0["distill_to_task@end"] > 0.0
+    assert "spatial_mask_mean@start" not in data["rows"]["mimic"]["mean"] and "distill_to_task@start" in \
+        data["rows"]["mimic"]["mean"]
+    assert "distill_to_task@start" not in data["rows"]["plain"]["mean"]
 
     calls = []
     monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a))

@@ -47,6 +47,12 @@ APm, APl (detection) or mIoU, mAcc, aAcc (segmentation), x100, mean ± std (samp
 the seeds; train s/step (median of the run's steps) and peak memory in MiB when the run's
 ``timing.json`` records it (``-`` otherwise): on a GPU the most memory tensors held during the run,
 on a CPU the run's peak resident set of the whole process (reset at each run's start on Linux).
+
+A second table (``results.md``, under "Masks and loss balance") gives each distilled row's
+trajectory from its ``metrics.jsonl`` (:mod:`acamkd.trajectories`): the mean spatial and channel
+mask at the first, middle and last logged step, the smallest level's at the end, and the ratio of
+the distillation losses to the task loss at those steps; ``results.json`` holds the same keys per
+seed and aggregated.
 """
 from __future__ import annotations
 
@@ -65,7 +71,8 @@ from pathlib import Path
 from typing import Any
 
 from acamkd.config import Config, load_config, parse_override, to_dict
-from acamkd.experiments import Run, RunResult, run_all, write_results
+from acamkd.experiments import Run, RunResult, aggregate, by_name, run_all, write_results
+from acamkd.trajectories import run_trajectory, trajectory_table
 
 __all__ = ["PLAIN", "COLUMNS", "ComparePlan", "Row", "UnknownMethodError", "build_parser", "main", "parse_methods",
            "parse_variant", "plan", "plan_rows", "row_slug"]
@@ -373,6 +380,18 @@ _MEMORY_KINDS = {
 }
 
 
+TRAJECTORY_HEADER = ("Masks and loss balance (from each run's metrics.jsonl; start / mid / end = the first, middle "
+                     "and last logged train step; mask means averaged over levels; distill_to_task = the "
+                     "distillation losses over the task loss):")
+
+
+def _with_trajectory(result: RunResult) -> RunResult:
+    """A distilled run's result with its :func:`~acamkd.trajectories.run_trajectory` keys added."""
+    if result.run.kind != "distill":
+        return result
+    return dataclasses.replace(result, metrics={**result.metrics, **run_trajectory(result.run.output_dir)})
+
+
 def _memory_note(results: Sequence[RunResult]) -> str:
     """What the peak MiB column measured, from the runs' ``timing.json`` (empty if none recorded it)."""
     kinds = sorted({str(r.metrics["peak_mem_kind"]) for r in results if "peak_mem_kind" in r.metrics})
@@ -387,10 +406,13 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = plan(args.config, args.methods, args.variants, args.seeds, args.out, args.overrides,
              args.teacher_overrides, args.teacher_checkpoint)
-    results = run_all(p.runs)
+    results = [_with_trajectory(r) for r in run_all(p.runs)]
     if p.external_teacher is not None:
         results = [p.external_teacher, *results]
     md, js = write_results(p.out / "results", results, p.columns, p.header + _memory_note(results), peak_memory=True)
+    trajectories = trajectory_table(aggregate(by_name(results)))
+    if trajectories:
+        md.write_text(md.read_text() + f"\n{TRAJECTORY_HEADER}\n\n{trajectories}\n")
     print(f"\n{md.read_text()}\n(written to {md} and {js})")
     return 0
 
