@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "variants, seeds), one table",
                                              description=compare.__doc__.splitlines()[0]))
 
+    from acamkd import cost
+    from acamkd.viz import cli as viz_cli
+
+    viz_cli.build_parser(commands.add_parser("viz", help="pictures: a method's masks per image, runs' training "
+                                                         "curves", description="PNG pictures of distillation"))
+    cost.build_parser(commands.add_parser("cost", help="measured cost of distilling and deploying a config's "
+                                                       "models, one table", description=cost.__doc__.splitlines()[0]))
+
     make_data = commands.add_parser(
         "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
         description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
@@ -164,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd import compare
 
         return _guarded("compare", lambda: compare.main(args=args))
+    if args.command == "viz":
+        from acamkd.viz import cli as viz_cli
+
+        return _guarded(f"viz {args.target}", lambda: viz_cli.main(args))
+    if args.command == "cost":
+        from acamkd import cost
+
+        return _guarded("cost", lambda: cost.main(args=args))
     if args.command == "make-data":
         from acamkd.data import synthetic
 

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "DEFAULT_CONFIGS"]
+__all__ = ["main", "build_parser", "bench_overrides", "run_variant", "DEFAULT_CONFIGS", "VARIANTS"]
 
 VARIANTS = ("student", "teacher", "distill")
 _CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -139,6 +139,18 @@ def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
             "peak_mib": peak / 2**20}
 
 
+def run_variant(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one of :data:`VARIANTS` in its own process (a clean peak memory): ``median_ms``,
+    ``images_per_s``, ``peak_mib``; or ``{"skipped": <the error's last 500 characters>}``.
+    ``spec``: device, config, overrides, image [H, W], batch, classes, repeats, warmup (also
+    used by ``acamkd cost``)."""
+    proc = subprocess.run([sys.executable, "-m", "acamkd.bench.distill", "--worker", variant],
+                          input=json.dumps(spec), capture_output=True, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"variant": variant, "skipped": (proc.stderr or proc.stdout).strip()[-500:]}
+
+
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
     from acamkd.bench.levels import parse_image_size
     from acamkd.bench.measure import machine
@@ -162,12 +174,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             "batch": args.batch or defaults["batch"], "classes": args.classes or defaults["classes"],
             "repeats": args.repeats or (20 if device == "cuda" else 3),
             "warmup": args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)}
-    results = {}
-    for variant in VARIANTS:
-        proc = subprocess.run([sys.executable, "-m", "acamkd.bench.distill", "--worker", variant],
-                              input=json.dumps(spec), capture_output=True, text=True)
-        results[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                            {"variant": variant, "skipped": (proc.stderr or proc.stdout).strip()[-500:]})
+    results = {variant: run_variant(variant, spec) for variant in VARIANTS}
     s, t = cfg.student, cfg.teacher
     report: dict[str, Any] = {
         "config": {**spec, "teacher": f"{t.arch} {t.backbone}", "student": f"{s.arch} {s.backbone}",
