@@ -144,9 +144,23 @@ def test_fewer_classes_with_names(tmp_path):
     assert CityscapesSegmentation(tmp_path, num_classes=5).class_names == [f"class_{i}" for i in range(5)]
     with pytest.raises(ValueError, match="class_names has 2 names, num_classes is 5"):
         CityscapesSegmentation(tmp_path, num_classes=5, class_names=["a", "b"])
-    for bad in (0, 256, 2.5, True):
-        with pytest.raises(ValueError, match="num_classes must be an integer in 1..255"):
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
             CityscapesSegmentation(tmp_path, num_classes=bad)
+    with pytest.raises(ValueError, match=r"ignore_index=255 is one of the train ids 0..255"):
+        CityscapesSegmentation(tmp_path, num_classes=256)  # 256 classes need another ignore label
+    assert CityscapesSegmentation(tmp_path, num_classes=256, ignore_index=1000).ignore_index == 1000
+
+
+def test_own_ignore_label(tmp_path):
+    """``ignore_index`` replaces 255: 9 is then unlabelled, and 255 an out-of-range value."""
+    label = np.array([[0, 1, 2, 9, 9, 0, 1, 2, 0, 1]] * H, dtype=np.uint8)
+    _, gt = write_sample(tmp_path, "train", "synth", 0, label=label)
+    ds = CityscapesSegmentation(tmp_path, num_classes=3, ignore_index=9)
+    assert ds.ignore_index == 9 and ds[0][1][0].tolist() == label[0].tolist()
+    with pytest.raises(ValueError, match=re.escape(f"{gt}: label values [9] are outside the train ids 0..2 and "
+                                                   f"255 (ignore)") + ".*set data.num_classes.*data.ignore_index"):
+        CityscapesSegmentation(tmp_path, num_classes=3)[0]
 
 
 def test_labelids_need_the_19_class_table(tmp_path):

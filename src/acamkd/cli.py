@@ -90,6 +90,11 @@ def _run_job(args: argparse.Namespace) -> int:
         result = run.distill(cfg, resume=args.resume, eval_teacher=args.eval_teacher, overwrite=args.overwrite)
     elif args.command == "eval":
         result = run.evaluate(cfg, args.checkpoint)
+        from acamkd.evaluation import per_class_table
+
+        table = per_class_table(result)  # per class, by name; stderr: stdout stays one JSON object
+        if table and os.environ.get("RANK", "0") == "0":
+            print(table, file=sys.stderr)
     else:
         names = run.export_student(cfg, args.checkpoint, args.out)
         result = {"out": args.out, "tensors": len(names)}

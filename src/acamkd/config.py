@@ -449,6 +449,11 @@ class DataConfig:
     crop: list[int] | None = None  # segmentation: random [height, width] crop; None: whole image
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # segmentation: random rescale range
     flip_prob: float = 0.5  # horizontal flip probability in training
+    # Your own classes (README "Your own data"). Segmentation: train ids 0..K-1 plus the ignore label.
+    num_classes: int | None = None  # segmentation: K; None: from class_names, <root>/classes.txt, else the dataset's
+    class_names: list[str] | None = None  # segmentation: one name per train id; None: <root>/classes.txt, else the dataset's
+    ignore_index: int = 255  # segmentation: the label of unlabelled pixels (not scored, never a train id)
+    categories: list[int | str] | None = None  # detection: COCO category ids or names to use (labels in id order); None: all
     batch_size: int = 4  # images per process (per GPU) and step
     workers: int = 2  # DataLoader worker processes per process
     on_bad_image: Literal["error", "skip"] = "error"  # an unreadable image stops the run, or is skipped and logged
@@ -544,9 +549,57 @@ def _arch_problems(key: str, m: ModelConfig) -> list[tuple[str, str]]:
     return []
 
 
+def _class_problems(cfg: Config) -> list[tuple[str, str]]:
+    """``data.num_classes``/``class_names``/``ignore_index`` (segmentation) and ``data.categories``
+    (detection): each for its task, counts that agree with each other and with the models'."""
+    d, task = cfg.data, cfg.student.task
+    p: list[tuple[str, str]] = []
+    if task == "detection":
+        for key, value, default in (("num_classes", d.num_classes, None), ("class_names", d.class_names, None),
+                                    ("ignore_index", d.ignore_index, 255)):
+            if value != default:
+                p.append((f"data.{key}", ("is for segmentation; a detector's classes are its COCO file's "
+                                          "categories: choose some with data.categories=[id or name, ...]")))
+    elif d.categories is not None:
+        p.append(("data.categories", ("is for detection (COCO categories); a segmenter's classes are "
+                                      "data.num_classes and data.class_names: set data.categories=null")))
+    if d.categories is not None:
+        repeated = sorted({str(c) for c in d.categories if d.categories.count(c) > 1})
+        if not d.categories:
+            p.append(("data.categories", "is empty: name at least one category (id or name), or null for all"))
+        elif repeated:
+            p.append(("data.categories", f"lists {', '.join(repeated)} more than once"))
+    if d.num_classes is not None and d.num_classes < 1:
+        p.append(("data.num_classes", f"must be >= 1 or null (from the dataset), got {d.num_classes}"))
+    names = d.class_names
+    if names is not None:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if not names or any(not n.strip() for n in names):
+            p.append(("data.class_names", f"needs one non-empty name per class (train id), got {names!r}"))
+        elif repeated:
+            p.append(("data.class_names", f"repeats {', '.join(map(repr, repeated))}: every class needs its own "
+                                          f"name (the per-class IoU keys)"))
+        elif d.num_classes is not None and d.num_classes != len(names):
+            p.append(("data.class_names", f"has {len(names)} names but data.num_classes is {d.num_classes}: give "
+                                          f"one name per train id 0..{d.num_classes - 1}, or drop data.num_classes"))
+    classes = d.num_classes if d.num_classes is not None else (len(names) if names else None)
+    if d.ignore_index < 0 or (classes is not None and d.ignore_index < classes):
+        p.append(("data.ignore_index", (f"{d.ignore_index} is not a label outside the train ids 0.."
+                                        f"{(classes or 1) - 1}: pick the value your label maps use for "
+                                        f"unlabelled pixels (e.g. 255)")))
+    if task == "segmentation" and classes is not None:
+        for role in ("student", "teacher"):
+            m = getattr(cfg, role)
+            if m is not None and m.num_classes is not None and m.num_classes != classes:
+                p.append((f"{role}.num_classes", (f"{m.num_classes} but the data has {classes} classes (data."
+                                                  f"{'num_classes' if d.num_classes is not None else 'class_names'}):"
+                                                  f" set {role}.num_classes={classes}, or null to follow the data")))
+    return p
+
+
 def _problems(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules: (dotted key, what is wrong and what to do)."""
-    p: list[tuple[str, str]] = []
+    p: list[tuple[str, str]] = _class_problems(cfg)
     t, d, e = cfg.train, cfg.data, cfg.eval
     models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher else [])
     for name, m in models:
@@ -633,12 +686,28 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
     return p
 
 
+def _logit_classes(cfg: Config) -> int | None:
+    """The class count when a segmentation run distils its default taps (the logits: one channel
+    per class), else None. Unreadable or inconsistent class settings give None here: the dataset
+    raises the named error when the run builds it."""
+    if cfg.student.task != "segmentation" or cfg.student.taps or (cfg.teacher is not None and cfg.teacher.taps):
+        return None
+    from acamkd.engine.segmentation import configured_class_names  # imports torch: only for a named method
+
+    try:
+        return len(configured_class_names(cfg.data))
+    except ValueError:
+        return None
+
+
 def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
     """``method.name`` must be registered (a problem, with close matches); ``method.options`` are
     checked against that method's options dataclass with the same machinery as every section
     (unknown key, type, range: one ConfigError naming ``method.options.<key>`` and its origin)
     and replaced by the complete options, defaults included, so the resolved config (``config.yaml``,
-    experiment cache keys, resume checks) records every value the method uses."""
+    experiment cache keys, resume checks) records every value the method uses. An options class with
+    ``num_masks`` (ACAM-KD's M) left unset gets the class count when a segmentation run distils the
+    logits (:func:`_logit_classes`), as the paper sets M = 19 on Cityscapes."""
     name = cfg.method.name
     if name is None:
         if cfg.method.options:
@@ -663,6 +732,11 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
                           f"{ctx.where('method.name')}; options{ctx.where(key)}); {name!r} has: {', '.join(fields)}. "
                           f"To replace the whole section, override method.options={{}} or method.options={{key: "
                           f"value, ...}} (in a YAML file: _replace_: true under options)")
+    if "num_masks" in fields and "num_masks" not in cfg.method.options:
+        classes = _logit_classes(cfg)
+        if classes is not None:  # the paper's M for logits: one mask per class (19 on Cityscapes)
+            cfg.method.options = {**cfg.method.options, "num_masks": classes}
+            ctx.origins.setdefault("method.options.num_masks", f"default: M = the {classes} segmentation classes")
     try:
         typed = _from_mapping(options_cls, cfg.method.options, "method.options", ctx)
     except methods.OptionError as err:  # a range check of the options dataclass

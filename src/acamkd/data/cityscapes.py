@@ -1,7 +1,7 @@
-"""Cityscapes semantic segmentation (gtFine), the official folder layout.
+"""Cityscapes semantic segmentation (gtFine), the official folder layout, and any dataset in it.
 
 ``dataset[i] -> (image (3, H, W) float32 RGB in [0, 1], label (H, W) int64)``, the label in
-train ids ``0..num_classes-1`` with ``255`` = ignore. Labels are read from
+train ids ``0..num_classes-1`` with ``ignore_index`` (255 by default) = ignore. Labels are read from
 ``*_gtFine_labelTrainIds.png`` (what cityscapesScripts' ``createTrainIdLabelImgs`` writes);
 when only ``*_gtFine_labelIds.png`` exists the 34 raw ids are mapped here, with the official
 table, so a fresh download works without running the preparation script.
@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from acamkd.data.classes import CLASSES_FILE
 from acamkd.data.images import ON_BAD_IMAGE, BadImageError, load_skipping_bad, read_rgb_image, tile_rawmode
 
 __all__ = ["CityscapesSegmentation", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "IGNORE_INDEX",
@@ -157,15 +158,16 @@ class CityscapesSegmentation(Dataset):
     """Cityscapes-layout segmentation dataset: ``dataset[i] -> (image, label)``.
 
     ``image``: float32 ``(3, H, W)`` RGB in ``[0, 1]``; ``label``: int64 ``(H, W)`` in
-    ``0..num_classes-1`` or ``255`` (ignore). ``transforms(image, label)`` runs last.
+    ``0..num_classes-1`` or ``ignore_index`` (ignore). ``transforms(image, label)`` runs last.
 
     Files are found at construction, in sorted (city, file) order, so indices are stable.
     Per image, ``*_gtFine_labelTrainIds.png`` is used when present, else
     ``*_gtFine_labelIds.png`` mapped with :data:`CITYSCAPES_ID_TO_TRAINID` (only meaningful for
     the 19-class table, so it needs ``num_classes=19``).
 
-    ``num_classes``/``class_names`` let datasets in the same layout with fewer classes (the
-    built-in synthetic one) reuse this loader; ``class_names[train_id]`` names a class.
+    ``num_classes``/``class_names``/``ignore_index`` let any dataset in the same layout (your own,
+    the built-in synthetic one) use this loader; ``class_names[train_id]`` names a class, and
+    ``ignore_index`` (not a train id) marks unlabelled pixels.
 
     ``on_bad_image``: a file that cannot be decoded raises :class:`BadImageError` naming it
     ("error"), or is skipped ("skip": the next valid index, wrapping around, deterministic;
@@ -180,18 +182,18 @@ class CityscapesSegmentation(Dataset):
     naming the file and its mode. Images: see :func:`acamkd.data.images.read_rgb_image`.
     """
 
-    ignore_index = IGNORE_INDEX
-
     def __init__(self, root: str | os.PathLike, split: str = "train",
                  transforms: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
                  on_bad_image: str = "error", num_classes: int = 19,
-                 class_names: Sequence[str] | None = None) -> None:
+                 class_names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"CityscapesSegmentation: on_bad_image must be one of {ON_BAD_IMAGE}, "
                              f"got {on_bad_image!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 255:
-            raise ValueError(f"CityscapesSegmentation: num_classes must be an integer in 1..255 "
-                             f"(255 is the ignore label), got {num_classes!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"CityscapesSegmentation: num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
+            raise ValueError(f"CityscapesSegmentation: ignore_index={ignore_index!r} is one of the train ids "
+                             f"0..{num_classes - 1}; pick the label of unlabelled pixels outside them (e.g. 255)")
         if class_names is None:
             class_names = CITYSCAPES_CLASSES if num_classes == 19 else [f"class_{i}" for i in range(num_classes)]
         if len(class_names) != num_classes:
@@ -202,15 +204,17 @@ class CityscapesSegmentation(Dataset):
         self.transforms = transforms
         self.on_bad_image = on_bad_image
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.class_names: list[str] = [str(c) for c in class_names]
         self.skipped: dict[str, str] = {}  # path -> why it was skipped
         self._bad: set[int] = set()
         self.images, self.label_files, self.label_kinds = self._find_files()
-        if num_classes != 19 and "labelIds" in self.label_kinds:
+        if (num_classes != 19 or ignore_index != IGNORE_INDEX) and "labelIds" in self.label_kinds:
             first = self.label_files[self.label_kinds.index("labelIds")]
             raise ValueError(f"{first}: only a *_gtFine_labelIds.png exists, and mapping label ids to train "
-                             f"ids uses the 19-class Cityscapes table, but num_classes={num_classes}. Write "
-                             f"*_gtFine_labelTrainIds.png files for your classes, or use num_classes=19.")
+                             f"ids uses the 19-class Cityscapes table (ignore 255), but num_classes={num_classes}, "
+                             f"ignore_index={ignore_index}. Write *_gtFine_labelTrainIds.png files for your "
+                             f"classes, or use num_classes=19 and ignore_index=255.")
         n_mapped = self.label_kinds.count("labelIds")
         logger.info("%s %s/%s: %d images (%d labels mapped from labelIds), %d classes",
                     type(self).__name__, self.root, split, len(self.images), n_mapped, num_classes)
@@ -273,11 +277,14 @@ class CityscapesSegmentation(Dataset):
                 raise ValueError(f"{path}: label values must be integers, got dtype {arr.dtype} (mode {mode!r}). "
                                  f"{_LABEL_FIX}")
         present = _present_values(arr)
-        bad = [int(v) for v in present if not (0 <= v < self.num_classes or v == IGNORE_INDEX)]
+        bad = [int(v) for v in present if not (0 <= v < self.num_classes or v == self.ignore_index)]
         if bad:
             raise ValueError(f"{path}: label values {bad[:20]}{' ...' if len(bad) > 20 else ''} are outside "
-                             f"the train ids 0..{self.num_classes - 1} and {IGNORE_INDEX} (ignore). Wrong "
-                             f"num_classes, or a labelIds png saved under the labelTrainIds name?")
+                             f"the train ids 0..{self.num_classes - 1} and {self.ignore_index} (ignore). If your "
+                             f"data has more classes, set data.num_classes (and data.class_names, or a "
+                             f"{CLASSES_FILE} in {self.root}); if those values mark unlabelled pixels, set "
+                             f"data.ignore_index; else the file is a labelIds png saved under the labelTrainIds "
+                             f"name, or a wrong file")
         return arr
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:

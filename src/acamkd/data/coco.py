@@ -17,11 +17,12 @@ Conventions (torchvision detectors):
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,40 @@ def _id_hint(value: Any, kind: str) -> str:
     return f"; add the {kind} to {key!r}, or fix the annotation"
 
 
+def _chosen_ids(path: str, names: dict[int, str], chosen: Sequence[int | str]) -> list[int]:
+    """The sorted category ids of ``chosen`` (ids or names of ``names``: id -> name), or an error
+    naming the file, the entry and close matches."""
+    by_name: dict[str, list[int]] = {}
+    for cid, name in names.items():
+        by_name.setdefault(name, []).append(cid)
+    if isinstance(chosen, (str, bytes)) or not len(chosen):
+        raise ValueError(f"categories={chosen!r}: give a non-empty list of category ids or names of {path}")
+    ids: list[int] = []
+    for k, c in enumerate(chosen):
+        where = f"categories[{k}]={c!r} (data.categories in a config)"
+        if isinstance(c, int) and not isinstance(c, bool):
+            if c not in names:
+                raise ValueError(f"{where}: {path} has no category id {c}; its ids are "
+                                 f"{', '.join(f'{i}={n}' for i, n in sorted(names.items()))}")
+            cid = c
+        elif isinstance(c, str):
+            if c not in by_name:
+                close = difflib.get_close_matches(c, list(by_name), n=3)
+                hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+                raise ValueError(f"{where}: {path} has no category named {c!r}; {hint}its categories are "
+                                 f"{', '.join(sorted(by_name))}")
+            if len(by_name[c]) > 1:
+                raise ValueError(f"{where}: {path} has several categories named {c!r} (ids {by_name[c]}); "
+                                 f"choose them by id")
+            cid = by_name[c][0]
+        else:
+            raise ValueError(f"{where}: a category is an integer id or a name, got {type(c).__name__}")
+        if cid in ids:
+            raise ValueError(f"{where}: category {cid} ({names[cid]!r}) is chosen twice; list it once")
+        ids.append(cid)
+    return sorted(ids)
+
+
 class CocoDetection(Dataset):
     """COCO-style detection dataset: ``dataset[i] -> (image (3, H, W) float32, target dict)``.
 
@@ -157,6 +192,14 @@ class CocoDetection(Dataset):
     (``skip_crowd=True``; torchvision's reference drops them too) and degenerate boxes (no
     ``bbox``, a NaN/inf value in it, or width/height ``<= MIN_BOX_SIZE`` after clipping).
     Images without any annotation stay in the dataset with ``boxes`` of shape (0, 4).
+
+    ``categories`` (ids or names, ``data.categories`` in a config): train and evaluate on these
+    categories of the file only. Labels ``1..K`` follow their ids' sorted order, as for the whole
+    file, and ``label_to_cat_id`` maps them back to the file's ids, so results and exports carry
+    the real category ids; annotations of other categories are left out of training and of
+    :meth:`coco_gt` alike (counted in ``num_other_category`` and logged); their images stay, as
+    images with fewer (or no) objects. A name or id the file does not list raises ``ValueError``
+    naming the file, the entry and close matches.
 
     Checked once, here, with errors naming the file and ``images[k]``/``categories[k]``/
     ``annotations[k]``: image and category ids are integers (``7.0`` is read as ``7``; a name
@@ -180,7 +223,8 @@ class CocoDetection(Dataset):
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
                  img_dir: str | os.PathLike | None = None, ann_file: str | os.PathLike | None = None,
                  transforms: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None,
-                 on_bad_image: str = "error", skip_crowd: bool = True) -> None:
+                 on_bad_image: str = "error", skip_crowd: bool = True,
+                 categories: Sequence[int | str] | None = None) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"CocoDetection: on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         if root is None and (img_dir is None or ann_file is None):
@@ -198,12 +242,12 @@ class CocoDetection(Dataset):
         self._bad: set[int] = set()  # dataset positions known to be undecodable
 
         data = _load_json(self.ann_file)
-        self._parse_categories(data["categories"])
+        self._parse_categories(data["categories"], categories)
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
 
     # ----------------------------------------------------------------------------- parsing
-    def _parse_categories(self, cats: list) -> None:
+    def _parse_categories(self, cats: list, chosen: Sequence[int | str] | None) -> None:
         path = self.ann_file
         names: dict[int, str] = {}
         for k, cat in enumerate(cats):
@@ -214,7 +258,8 @@ class CocoDetection(Dataset):
             names[cid] = str(name)
         if not names:
             raise ValueError(f"{path}: 'categories' is empty; a detection dataset needs at least one class")
-        self.cat_ids: list[int] = sorted(names)
+        self._file_cat_ids = set(names)
+        self.cat_ids: list[int] = sorted(names) if chosen is None else _chosen_ids(path, names, chosen)
         self.cat_id_to_label: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}  # 0 = background
         self.label_to_cat_id: dict[int, int] = {lab: cid for cid, lab in self.cat_id_to_label.items()}
         self.class_names: list[str] = ["__background__"] + [names[c] for c in self.cat_ids]  # index by label
@@ -276,7 +321,7 @@ class CocoDetection(Dataset):
         path = self.ann_file
         pos = {iid: p for p, iid in enumerate(self.image_ids)}
         rows_k, rows_img, rows_box, rows_label, rows_area, rows_crowd = [], [], [], [], [], []
-        n_crowd = n_nobox = n_bad_area = 0
+        n_crowd = n_nobox = n_bad_area = n_other = 0
         first_bad_area = -1
         for k, ann in enumerate(anns):
             try:  # fast path; the message (an f-string per annotation is not free on 860k) only on failure
@@ -289,6 +334,9 @@ class CocoDetection(Dataset):
                 raise ValueError(f"{path}: {_ann_where(k, ann)} points to image_id={iid!r}, which is not listed "
                                  f"in 'images'{_id_hint(iid, 'image')}")
             if not _listed(cid, self.cat_id_to_label):
+                if _listed(cid, self._file_cat_ids):  # a category not chosen (``categories``)
+                    n_other += 1
+                    continue
                 raise ValueError(f"{path}: {_ann_where(k, ann)} has category_id={cid!r}, which is not listed "
                                  f"in 'categories' (known ids: {self.cat_ids[:10]}{' ...' if len(self.cat_ids) > 10 else ''})"
                                  f"{_id_hint(cid, 'category')}")
@@ -363,7 +411,12 @@ class CocoDetection(Dataset):
         self.num_crowd_skipped = n_crowd
         self.num_nonfinite = int((~finite).sum())
         self.num_bad_area = n_bad_area
+        self.num_other_category = n_other
         name = type(self).__name__
+        if n_other:
+            logger.info("%s %s: %d annotation(s) of categories not chosen left out (training on %d of %d "
+                        "categories: %s)", name, path, n_other, len(self.cat_ids), len(self._file_cat_ids),
+                        ", ".join(f"{cid}={self.class_names[lab]}" for lab, cid in self.label_to_cat_id.items()))
         if n_degenerate:
             logger.warning("%s %s: dropped %d degenerate box(es) (no bbox, or width/height <= %g px after "
                            "clipping to the image) out of %d annotations", name, path,

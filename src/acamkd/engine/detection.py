@@ -7,6 +7,7 @@ backbone/FPN only; evaluation maps boxes from the resized input back to the orig
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -46,7 +47,7 @@ class DetectionTask(Task):
         data = self.cfg.data
         fill = (lambda p: None if p is None else p.replace("{split}", split))
         return CocoDetection(self.coco_root(), split, img_dir=fill(data.img_dir), ann_file=fill(data.ann_file),
-                             transforms=transforms, on_bad_image=data.on_bad_image)
+                             transforms=transforms, on_bad_image=data.on_bad_image, categories=data.categories)
 
     def datasets(self) -> tuple[CocoDetection, CocoDetection]:
         data = self.cfg.data
@@ -63,9 +64,26 @@ class DetectionTask(Task):
         """Foreground classes (``dataset.num_classes`` counts the background label 0 too)."""
         return dataset.num_classes - 1
 
+    def class_metadata(self, dataset: CocoDetection) -> dict[str, str]:
+        """``num_classes`` (foreground K), ``class_names`` and ``category_ids`` (JSON lists indexed by
+        label - 1: label ``i`` is ``class_names[i-1]``, category id ``category_ids[i-1]`` of the file)."""
+        labels = sorted(dataset.label_to_cat_id)  # 1..K
+        return {"task": self.name, "num_classes": str(len(labels)),
+                "class_names": json.dumps([dataset.class_names[lab] for lab in labels]),
+                "category_ids": json.dumps([dataset.label_to_cat_id[lab] for lab in labels])}
+
     # ------------------------------------------------------------------ models
     def build_model(self, model_cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-        """``num_classes`` foreground classes (the dataset's unless the config says otherwise)."""
+        """``num_classes`` foreground classes: the dataset's (``data.categories`` or every category of the
+        file). A teacher may say otherwise (``teacher.num_classes``: its checkpoint's classes; only its FPN
+        levels are distilled); a student whose ``num_classes`` differs raises ``ValueError``: its labels
+        would not map to the data's category ids."""
+        if role == "student" and model_cfg.num_classes not in (None, num_classes):
+            chosen = (f"the {num_classes} categories of data.categories={self.cfg.data.categories}"
+                      if self.cfg.data.categories is not None else f"{num_classes} categories")
+            raise ValueError(f"student.num_classes={model_cfg.num_classes} but the data has {chosen}: the "
+                             f"student's labels would not match the data's category ids. Set student.num_classes="
+                             f"null to follow the data, or choose the categories with data.categories")
         model = self.build_from_registry(
             model_cfg, model_cfg.num_classes or num_classes, min_size=self.cfg.data.min_size,
             max_size=self.cfg.data.max_size, frozen_bn=_NORM[model_cfg.norm],
@@ -111,7 +129,9 @@ class DetectionTask(Task):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, dataset: CocoDetection) -> dict[str, float]:
-        """COCO box metrics on ``loader`` (this rank's shard), boxes mapped to the original frame."""
+        """COCO box metrics on ``loader`` (this rank's shard), boxes mapped to the original frame:
+        the 12 COCO numbers, then ``AP.<category name>`` per category (labels mapped back to the
+        file's category ids by ``dataset.label_to_cat_id``, ``data.categories`` included)."""
         was_training = model.training
         model.eval()
         predictions, image_ids = [], []
@@ -145,7 +165,7 @@ class DetectionTask(Task):
             gt = dataset.coco_gt() if hasattr(dataset, "coco_gt") else dataset.ann_file
             try:
                 metrics = evaluate_detections(gt, list(seen_ids.values()), list(seen_ids), dataset.label_to_cat_id,
-                                              unmapped="drop")
+                                              unmapped="drop", per_class=True)
             except Exception as e:  # every rank must leave the gather below, then raise
                 failure = e
         metrics, error = gather_objects((metrics, None if failure is None else repr(failure)), self.info)[0]

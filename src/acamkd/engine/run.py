@@ -213,7 +213,9 @@ def evaluate(cfg: Config, checkpoint: str) -> dict[str, float]:
 
 
 def export_student(cfg: Config, checkpoint: str, out: str) -> list[str]:
-    """Student weights only (the method's modules are training-only) as safetensors.
+    """Student weights only (the method's modules are training-only) as safetensors; the metadata
+    records ``arch``, ``backbone``, ``source`` and the classes (:meth:`Task.class_metadata`: the
+    names in output order, detection's category ids, segmentation's ignore label).
 
     Raises:
         OutputDirError: ``out``'s folder cannot be written (checked before anything is loaded).
@@ -225,12 +227,12 @@ def export_student(cfg: Config, checkpoint: str, out: str) -> list[str]:
     if os.path.isdir(out):
         raise OutputDirError(f"--out {out} is a folder: give a file name, e.g. {os.path.join(out, 'student.safetensors')}")
     check_writable(folder, key="--out")
-    _, model, _ = load_student(cfg, checkpoint)  # proves the weights fit the configured student
+    task, model, val_set = load_student(cfg, checkpoint)  # proves the weights fit the configured student
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = f"{out}.tmp{os.getpid()}"
     try:
         save_file(state, tmp, metadata={"arch": cfg.student.arch, "backbone": cfg.student.backbone,
-                                        "source": os.path.basename(checkpoint)})
+                                        "source": os.path.basename(checkpoint), **task.class_metadata(val_set)})
         os.replace(tmp, out)
     except Exception as err:  # safetensors raises its own error type for I/O failures
         if os.path.exists(tmp):

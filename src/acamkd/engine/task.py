@@ -74,6 +74,11 @@ class Task(abc.ABC):
     def model_classes(dataset: Any) -> int:
         """The class count models are built with for ``dataset`` (detection: foreground only)."""
 
+    def class_metadata(self, dataset: Any) -> dict[str, str]:
+        """What an exported model records of its classes (safetensors metadata: strings; lists as
+        JSON): at least ``class_names``, in the order of the model's outputs. Default: nothing."""
+        return {}
+
     def built_in_data(self) -> None:
         """Generate the built-in ``shapes`` data into ``data.root`` on the main process (cached by its
         parameters, so a second call writes nothing); the other processes wait for it."""

@@ -254,8 +254,11 @@ def coco_map(
     iou_type: str = "bbox",
     img_ids: Iterable[int] | None = None,
     verbose: bool = False,
+    per_class: bool = False,
 ) -> dict[str, float]:
-    """The 12 COCO numbers (keys ``STAT_KEYS``) for ``results_list`` against ``gt_json_path``.
+    """The 12 COCO numbers (keys ``STAT_KEYS``) for ``results_list`` against ``gt_json_path``;
+    with ``per_class`` also ``AP.<category name>`` (AP@[.5:.95], all areas, 100 detections) for
+    every category with ground truth in the evaluated images, in category-id order.
 
     Values are on COCOeval's 0..1 scale, ``-1.0`` where COCO has nothing to measure (e.g.
     ``APl`` without large ground-truth boxes). Evaluation covers every image of the gt file,
@@ -301,7 +304,26 @@ def coco_map(
     stats = np.asarray(evaluator.stats, dtype=np.float64)
     if stats.shape != (len(STAT_KEYS),):
         raise RuntimeError(f"faster-coco-eval returned {stats.shape[0]} stats, expected {len(STAT_KEYS)}")
-    return {key: float(v) for key, v in zip(STAT_KEYS, stats)}
+    metrics = {key: float(v) for key, v in zip(STAT_KEYS, stats)}
+    if per_class:
+        metrics.update(_per_class_ap(evaluator, gt))
+    return metrics
+
+
+def _per_class_ap(evaluator: Any, gt: Mapping[str, Any]) -> dict[str, float]:
+    """``AP.<name>`` per category from the accumulated precision ``(T, R, K, A, M)`` (area "all",
+    the last max-detections), as COCOeval's summary computes the overall AP; categories without
+    ground truth in the evaluated images (every entry -1) are left out."""
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt["categories"]}
+    precision = np.asarray(evaluator.eval["precision"])  # (T, R, K, A, M)
+    area = list(evaluator.params.areaRngLbl).index("all")
+    out: dict[str, float] = {}
+    for k, cid in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, area, -1]
+        if (values > -1).any():
+            name = names.get(int(cid), str(cid))
+            out[f"AP.{name}" if f"AP.{name}" not in out else f"AP.{name}#{cid}"] = float(values[values > -1].mean())
+    return out
 
 
 def _to_numpy(x: Any, what: str) -> np.ndarray:
@@ -413,6 +435,7 @@ def evaluate_detections(
     label_to_cat_id: Mapping[int, int] | Sequence[int | None],
     verbose: bool = False,
     unmapped: str = "drop",
+    per_class: bool = False,
 ) -> dict[str, float]:
     """``coco_map`` of torchvision-style ``predictions`` on exactly the images ``image_ids``.
 
@@ -422,6 +445,8 @@ def evaluate_detections(
     dataset checked. A prediction that cannot be scored (its label has no category id, or it
     is not finite) is dropped and counted in a warning (``unmapped="drop"``, see
     :func:`predictions_to_coco_results`), so an odd prediction never aborts an evaluation.
+    ``per_class`` adds ``AP.<category name>`` (:func:`coco_map`).
     """
     results = predictions_to_coco_results(predictions, image_ids, label_to_cat_id, unmapped=unmapped)
-    return coco_map(gt_json_path, results, iou_type="bbox", img_ids=[int(i) for i in image_ids], verbose=verbose)
+    return coco_map(gt_json_path, results, iou_type="bbox", img_ids=[int(i) for i in image_ids], verbose=verbose,
+                    per_class=per_class)
