@@ -102,6 +102,31 @@ def test_a_run_killed_mid_way_is_resumed(tmp_path, fake_engine):
     assert (tmp_path / "student.stale-1").is_dir()
 
 
+def test_a_run_in_progress_in_another_runner_is_neither_moved_nor_started(tmp_path, fake_engine):
+    """Two runners on one --out: the second must not take the first's run (started, no checkpoint
+    yet) for a killed one and move it aside (found running two acamkd compare on one --out)."""
+    from acamkd.engine.run_folder import RunFolderBusy, RunFolderLock
+
+    cfg = smoke(tmp_path)
+    key = run_key(Run("student", "train", cfg), {})
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / MARKER).write_text(json.dumps({"status": "started", "sha256": key}))
+    other = RunFolderLock(tmp_path, lock_name=".student.runner.lock")  # the other runner holds its lock
+    other.acquire()
+    try:
+        with pytest.raises(RunFolderBusy, match=r"run student \(seed 0\) in .* another acamkd process \(pid \d+\)"):
+            run_all([Run("student", "train", cfg)])
+    finally:
+        other.release()
+    assert fake_engine == [] and not (tmp_path / "student.stale-1").exists()
+    assert json.loads((tmp_path / "student" / MARKER).read_text())["status"] == "started"
+    # once the other runner is gone: the usual rule (no checkpoint: started over), and the lock is free again
+    [res] = run_all([Run("student", "train", cfg)])
+    assert res.status == "ran" and (tmp_path / "student.stale-1").is_dir()
+    with RunFolderLock(tmp_path, lock_name=".student.runner.lock"):
+        pass
+
+
 @pytest.mark.slow
 def test_a_really_interrupted_run_resumes_to_the_end(tmp_path, monkeypatch):
     from acamkd.engine.trainer import Trainer

@@ -17,7 +17,12 @@ once the engine returns. On the next call, a folder whose marker has the same ``
 any other non-empty folder (another config, a changed dependency, a run killed before its first
 checkpoint, files the runner did not write) is never reused nor mixed with the new run: it is
 moved aside to ``<dir>.stale-<n>`` (first free ``n``, nothing is deleted) and the run starts
-over. A dependency's key is part of its dependents' keys, so retraining a teacher with another
+over. While it looks at, moves or runs a run, the runner holds an exclusive lock beside the run
+folder (``<parent>/.<folder name>.runner.lock``, dropped by the kernel if the process dies): a
+second runner on the same run (two ``acamkd compare`` or ``demo`` calls on one ``--out``) stops
+with :class:`~acamkd.engine.run_folder.RunFolderBusy` naming the run and the holder's pid, instead
+of taking a run in progress for a killed one and moving it aside. Runners on disjoint rows of one
+``--out`` may run side by side (a finished dependency, e.g. the shared teacher, is only read). A dependency's key is part of its dependents' keys, so retraining a teacher with another
 config retrains the students distilled from it. Folders written by the demo before this module
 (``demo_config.json`` equal to the config, ``final_metrics.json``) count as finished.
 
@@ -257,30 +262,45 @@ def run_all(runs: Sequence[Run]) -> list[RunResult]:
     done: dict[str, RunResult] = {}
     for r in ordered:
         need_keys = {dep.id: done[dep.id].key for dep in needs[r.id]}
-        key = run_key(r, need_keys)
-        out = r.output_dir
-        state, why = _state(r, key)
-        if state in ("done", "legacy"):
-            logger.info("run %s: finished before with this config, reading %s", r.id, out)
-            if state == "legacy":  # adopt the old demo's folder
-                _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
-            done[r.id] = RunResult(r, _collect(out), STATUS_CACHED, key)
-            continue
-        if state == "stale":
-            moved = _move_aside(out)
-            logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
-                           r.id, out, why, moved)
-        resume = state == "resume"
-        logger.info("run %s: %s in %s", r.id, f"resuming from {_LAST}" if resume else f"{r.kind}ing", out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / MARKER, _marker(r, key, need_keys, "started"))
-        if r.kind == "distill":
-            engine.distill(r.cfg, resume=resume, eval_teacher=False)
-        else:
-            engine.train(r.cfg, resume=resume)
-        _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
-        done[r.id] = RunResult(r, _collect(out), STATUS_RESUMED if resume else STATUS_RAN, key)
+        with _runner_lock(r):
+            done[r.id] = _run_one(engine, r, run_key(r, need_keys), need_keys)
     return [done[r.id] for r in runs]
+
+
+def _runner_lock(run: Run):
+    """The runner's exclusive lock on one run (module docstring), beside its folder."""
+    from acamkd.engine.run_folder import RunFolderLock
+
+    out = run.output_dir
+    return RunFolderLock(out.parent, lock_name=f".{out.name}.runner.lock",
+                         busy=f"run {run.id} in {out} is being run by another acamkd process (pid {{pid}}), e.g. a "
+                              f"second acamkd compare or demo on the same --out: wait for it, stop it, or use "
+                              f"another --out")
+
+
+def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResult:
+    """Read back, resume or (re)start one run (module docstring); the caller holds its lock."""
+    out = r.output_dir
+    state, why = _state(r, key)
+    if state in ("done", "legacy"):
+        logger.info("run %s: finished before with this config, reading %s", r.id, out)
+        if state == "legacy":  # adopt the old demo's folder
+            _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
+        return RunResult(r, _collect(out), STATUS_CACHED, key)
+    if state == "stale":
+        moved = _move_aside(out)
+        logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
+                       r.id, out, why, moved)
+    resume = state == "resume"
+    logger.info("run %s: %s in %s", r.id, f"resuming from {_LAST}" if resume else f"{r.kind}ing", out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MARKER, _marker(r, key, need_keys, "started"))
+    if r.kind == "distill":
+        engine.distill(r.cfg, resume=resume, eval_teacher=False)
+    else:
+        engine.train(r.cfg, resume=resume)
+    _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
+    return RunResult(r, _collect(out), STATUS_RESUMED if resume else STATUS_RAN, key)
 
 
 def _marker(run: Run, key: str, need_keys: Mapping[str, str], status: str) -> dict[str, Any]:

@@ -62,13 +62,21 @@ def check_writable(folder: str | os.PathLike, key: str = "train.output_dir") -> 
 class RunFolderLock:
     """``with RunFolderLock(folder):`` holds an exclusive lock on the folder for one run.
 
+    ``lock_name`` is the lock file inside ``folder`` (default ``.lock``: the engine's lock of a run
+    folder); ``busy`` is the message of the error when another process holds it, with ``{pid}``
+    for the holder's pid (default: the engine's message about ``train.output_dir``). The
+    experiment runner locks ``<parent>/.<run folder name>.runner.lock`` this way, beside the run
+    folder (which it may move aside), so two runners never work on one run.
+
     Raises:
         RunFolderBusy: another live process holds it (the message names its pid and what to do).
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, lock_name: str = LOCK_NAME, busy: str | None = None) -> None:
         self.folder = os.fspath(folder)
-        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.path = os.path.join(self.folder, lock_name)
+        self.busy = busy or (f"train.output_dir={self.folder} is being written by another acamkd run (pid {{pid}}): "
+                             f"wait for it to finish, stop it, or choose another train.output_dir")
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -79,9 +87,7 @@ class RunFolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunFolderBusy(f"train.output_dir={self.folder} is being written by another acamkd run (pid "
-                                f"{holder}): wait for it to finish, stop it, or choose another "
-                                f"train.output_dir") from None
+            raise RunFolderBusy(self.busy.format(pid=holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
