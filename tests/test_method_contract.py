@@ -142,7 +142,7 @@ def test_state_dict_round_trip(name):
 def test_inspect_is_per_level_and_without_grad(name):
     method = make_method(name)
     teacher, student = make_inputs(requires_grad=True)
-    method(teacher, student)
+    method(teacher, student, batch=make_batch())
     stats = method.statistics()
     outputs = method.inspect(teacher, student, batch=make_batch())
     assert isinstance(outputs, dict) and set(outputs) == set(TEACHER_CHANNELS)
@@ -172,7 +172,8 @@ def test_options_are_a_typed_dataclass_with_defaults(name):
     torch.manual_seed(0)
     typed = build(name, teacher_channels=TEACHER_CHANNELS, student_channels=STUDENT_CHANNELS, options=defaults)
     inputs = make_inputs()
-    assert {k: v.item() for k, v in typed(*inputs).items()} == {k: v.item() for k, v in make_method(name)(*inputs).items()}
+    assert ({k: v.item() for k, v in typed(*inputs, batch=make_batch()).items()}
+            == {k: v.item() for k, v in make_method(name)(*inputs, batch=make_batch()).items()})
     # The config machinery checks these options: a config naming the method loads with its defaults.
     cfg = load_config(str(DEMO_CONFIG), [f"method.name={name}", "method.options={}"])
     assert cfg.method.name == name and cfg.method.options == dataclasses.asdict(defaults)  # complete, resolved

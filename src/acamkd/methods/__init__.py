@@ -18,9 +18,11 @@ from acamkd.methods.registry import (
 )
 from acamkd.methods.acam import ACAM, ACAMLevel, ACAMLevelOutput, ACAMOptions  # noqa: E402  (registers "acam")
 from acamkd.methods.mimic import Mimic, MimicOptions  # noqa: E402  (registers "mimic")
+from acamkd.methods.cwd import CWD, CWDOptions  # noqa: E402  (registers "cwd")
+from acamkd.methods.fgd import FGD, FGDOptions  # noqa: E402  (registers "fgd")
 
 __all__ = [
-    "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "DistillBatch", "DistillMethod", "LevelResult",
-    "LevelwiseMethod", "MethodOptions", "OptionError", "available", "build", "get_method_class", "list_methods",
-    "options_class", "parse_options", "register",
+    "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "CWD", "CWDOptions", "DistillBatch", "DistillMethod",
+    "FGD", "FGDOptions", "LevelResult", "LevelwiseMethod", "MethodOptions", "OptionError", "available", "build",
+    "get_method_class", "list_methods", "options_class", "parse_options", "register",
 ]
