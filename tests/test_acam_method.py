@@ -152,8 +152,8 @@ def test_build_by_name():
 
 
 def test_build_unknown_method_lists_the_known_ones():
-    with pytest.raises(KeyError, match=r"unknown distillation method 'fgd': known methods are \[.*'acam'.*\]"):
-        build("fgd", teacher_channels={"p3": 8})
+    with pytest.raises(KeyError, match=r"unknown distillation method 'fitnet': known methods are \[.*'acam'.*\]"):
+        build("fitnet", teacher_channels={"p3": 8})
     with pytest.raises(KeyError, match=r"did you mean \['acam'\]"):
         build("acm")
 

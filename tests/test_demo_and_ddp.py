@@ -17,7 +17,7 @@ def test_smoke_demo_prints_the_table_and_reuses_its_runs(tmp_path, capsys):
     assert demo_main(args) == 0
     out = capsys.readouterr().out
     for row in ("teacher (retinanet resnet50)", "student (retinanet resnet18)", "student + mimic (aligned MSE)",
-                "student + ACAM-KD"):
+                "student + ACAM-KD", "student + ACAM-KD (paper mode)"):
         assert row in out
     results = json.loads((tmp_path / "runs" / "smoke" / "results.json").read_text())
     assert all("AP" in r and "sec_per_step" in r for r in results.values())
@@ -33,10 +33,10 @@ def test_segmentation_smoke_demo_prints_miou_for_every_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| model | mIoU | mAcc | aAcc | train s/step |" in out
     for row in ("teacher (deeplabv3 resnet18)", "student (deeplabv3 mobilenet_v2)", "student + mimic (aligned MSE)",
-                "student + ACAM-KD"):
+                "student + ACAM-KD", "student + ACAM-KD (paper mode)"):
         assert row in out
     results = json.loads((tmp_path / "runs" / "seg-smoke" / "results.json").read_text())
-    assert len(results) == 4 and all(0 <= r["mIoU"] <= 1 and "sec_per_step" in r for r in results.values())
+    assert len(results) == 5 and all(0 <= r["mIoU"] <= 1 and "sec_per_step" in r for r in results.values())
     # the ACAM-KD run distilled the 9-class logits of the R18 teacher with one mask per class
     acam_log = (tmp_path / "runs" / "seg-smoke" / "acam" / "metrics.jsonl").read_text().splitlines()
     assert "distill.logits.diversity" in json.loads(acam_log[0])
@@ -93,7 +93,11 @@ def test_demo_overrides_win_over_the_profile_for_every_run():
         args = build_parser().parse_args(["--task", task, "train.iterations=50", "train.schedule=poly"])
         cfgs = build_configs(args)
         assert {role: c.train.iterations for role, c in cfgs.items()} == {"teacher": 50, "student": 50, "mimic": 50,
-                                                                          "acam": 50}
+                                                                          "acam": 50, "acam_paper": 50}
+        paper = cfgs["acam_paper"].method.options  # the paper mode, whatever the default mode is
+        assert (paper["mask_norm"], paper["mask_activation"], paper["mask_grad"], paper["feature_norm"],
+                paper["fusion_student_grad"], paper["mass_beta"]) == ("mass", "sigmoid", "descend", "none", True, None)
+        assert cfgs["acam_paper"].teacher.checkpoint == cfgs["acam"].teacher.checkpoint
         assert cfgs["mimic"].method.name == "mimic" and cfgs["mimic"].teacher.checkpoint == cfgs["acam"].teacher.checkpoint
     full = build_configs(build_parser().parse_args([]))  # the full profile: teacher twice the student's steps
     assert full["teacher"].train.iterations == 2 * full["student"].train.iterations
