@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from acamkd.methods.acam import ACAM
+from acamkd.methods.acam import ACAM, PAPER_MODE
 
 
 @pytest.mark.slow
 def test_compiled_acam_equals_eager():
     torch.manual_seed(0)
-    method = ACAM({"p3": 16, "p4": 16}, {"p3": 8, "p4": 8}, num_masks=3, init_std=0.5, check_finite=False)
+    method = ACAM({"p3": 16, "p4": 16}, {"p3": 8, "p4": 8}, num_masks=3, init_std=0.5, check_finite=False,
+                  **PAPER_MODE)
     teacher = {"p3": torch.randn(2, 16, 6, 5), "p4": torch.randn(2, 16, 3, 3)}
     student = {"p3": torch.randn(2, 8, 6, 5, requires_grad=True), "p4": torch.randn(2, 8, 3, 3, requires_grad=True)}
     inputs = [*student.values(), *method.parameters()]

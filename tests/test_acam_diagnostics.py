@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from acamkd.methods import ACAM, DistillMethod
-from acamkd.methods.acam import box_cover, level_stride
+from acamkd.methods.acam import PAPER_MODE, box_cover, level_stride
 from acamkd.methods.batch import DistillBatch
 
 TEACHER = {"p3": 8, "p4": 6}
@@ -18,7 +18,7 @@ GRIDS = {"p3": (8, 10), "p4": (4, 5)}  # stride 8 and 16 of a 64 x 80 input
 
 def make_method(**options):
     torch.manual_seed(0)
-    return ACAM(TEACHER, STUDENT, **{"num_masks": 3, **options})
+    return ACAM(TEACHER, STUDENT, **{"num_masks": 3, **PAPER_MODE, **options})  # the paper mode unless overridden
 
 
 class Run:

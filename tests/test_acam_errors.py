@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from acamkd.methods import ACAM, ACAMLevel
+from acamkd.methods.acam import PAPER_MODE
 
 from _acam_helpers import make_feats, make_level
 
 
 def _acam(**options):
-    return ACAM({"p3": 8, "p4": 6}, {"p3": 4, "p4": 6}, num_masks=2, **options)
+    return ACAM({"p3": 8, "p4": 6}, {"p3": 4, "p4": 6}, num_masks=2, **{**PAPER_MODE, **options})
 
 
 def _acam_feats():

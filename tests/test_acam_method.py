@@ -7,6 +7,7 @@ import torch
 
 import acamkd
 from acamkd.methods import ACAM, ACAMLevelOutput, DistillMethod, available, build
+from acamkd.methods.acam import PAPER_MODE
 from acamkd.methods.acam_reference import acam_level_plain
 
 from _acam_helpers import make_feats, make_level, mean_offdiag_dice
@@ -17,8 +18,9 @@ GRIDS = {"p3": ((5, 7), (5, 7)), "p4": ((3, 4), (2, 2)), "p5": ((1, 1), (1, 1))}
 
 
 def make_acam(teacher_channels=TEACHER_CHANNELS, student_channels=STUDENT_CHANNELS, **options):
+    """The paper mode (compared with make_level's levels, whose defaults are the paper's)."""
     torch.manual_seed(0)
-    options = {"num_masks": 3, "init_std": 0.5, **options}
+    options = {"num_masks": 3, "init_std": 0.5, **PAPER_MODE, **options}
     return ACAM(teacher_channels, student_channels, **options)
 
 
@@ -147,7 +149,12 @@ def test_build_by_name():
     level = method.level("p3")
     assert (level.num_masks, level.mask_norm, level.student_channels) == (2, "energy", 5)
     teacher, student = make_feats(1, 8, 5, (3, 3), requires_grad=False)
-    assert set(method({"p3": teacher}, {"p3": student})) == {"p3.channel", "p3.spatial", "p3.diversity"}
+    # the default mode (adversarial masks with the mass floor): the floor is a loss of its own
+    assert set(method({"p3": teacher}, {"p3": student})) == {"p3.channel", "p3.spatial", "p3.diversity",
+                                                             "p3.mass_floor"}
+    assert (level.mask_grad, level.feature_norm, level.fusion_student_grad) == ("adversarial", "standardise", False)
+    paper = build("acam", teacher_channels={"p3": 8}, student_channels={"p3": 5}, num_masks=2, **PAPER_MODE)
+    assert set(paper({"p3": teacher}, {"p3": student})) == {"p3.channel", "p3.spatial", "p3.diversity"}
     assert acamkd.build is build
 
 
@@ -181,7 +188,7 @@ def test_level_names_with_dots():
 
 def test_state_dict_round_trip():
     method = make_acam()
-    other = ACAM(TEACHER_CHANNELS, STUDENT_CHANNELS, num_masks=3, init_std=0.5)  # different random init
+    other = ACAM(TEACHER_CHANNELS, STUDENT_CHANNELS, num_masks=3, init_std=0.5, **PAPER_MODE)  # another random init
     inputs = make_inputs()
     assert method(*inputs)["p3.spatial"].item() != other(*inputs)["p3.spatial"].item()
     other.load_state_dict(method.state_dict())

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from acamkd.methods import ACAM, ACAMLevel, ACAMOptions
-from acamkd.methods.acam import ADVERSARIAL_MASS_BETA, resolve_mass_beta
+from acamkd.methods.acam import ADVERSARIAL_MASS_BETA, DEFAULT_MODE, PAPER_MODE, resolve_mass_beta
 from acamkd.methods.acam_reference import acam_level_plain, acam_level_vectorised
 from acamkd.methods.base import OptionError
 from acamkd.ops.masking import mass_floor, partition_gain, reverse_gradient
@@ -82,7 +82,7 @@ def test_standardised_features_under_bf16_autocast_and_a_one_cell_level():
 
 
 def test_feature_norm_is_checked_and_defaults_to_the_paper():
-    assert ACAMOptions().feature_norm == "none"
+    assert ACAMOptions().feature_norm == "standardise" and ACAMLevel(8, 8).feature_norm == "none"
     with pytest.raises(OptionError, match="feature_norm"):
         ACAMOptions(feature_norm="standardize")
 
@@ -356,11 +356,17 @@ def test_adversarial_floor_holds_whatever_the_feature_scale():
 
 
 # --------------------------------------------------------------------------- options
-def test_defaults_are_the_paper():
+def test_level_defaults_are_the_paper_and_option_defaults_the_study_mode():
     options = ACAMOptions()
     assert (options.mask_activation, options.mask_grad, options.mass_beta, options.fusion_student_grad,
-            options.diagnostics) == ("sigmoid", "descend", None, True, True)  # diagnostics: statistics only
-    assert options.mass_rho == 0.3
+            options.feature_norm, options.diagnostics) == ("sigmoid", "adversarial", None, False, "standardise",
+                                                           True)  # diagnostics: statistics only
+    assert options.mass_rho == 0.3 and options.mask_norm == "mass"
+    paper = ACAMOptions(**PAPER_MODE)
+    assert (paper.mask_activation, paper.mask_grad, paper.mass_beta, paper.fusion_student_grad,
+            paper.feature_norm, paper.mask_norm) == ("sigmoid", "descend", None, True, "none", "mass")
+    assert ACAMOptions(**{**PAPER_MODE, **DEFAULT_MODE}) == options  # the default departs only there
+    assert ACAM({"p3": 8}).level("p3").mass_beta == ADVERSARIAL_MASS_BETA  # build("acam"): the floor is on
     level = ACAMLevel(8, 8)
     assert level.mass_beta == 0.0 and level.loss_gain == 1.0
     assert resolve_mass_beta(None, "descend") == resolve_mass_beta(None, "detach") == 0.0

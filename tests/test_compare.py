@@ -182,6 +182,22 @@ def test_the_table_is_written_and_a_second_call_runs_nothing(tmp_path, fake_engi
                                    ("train", "plain/seed2", False)]
 
 
+def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path, fake_engine, capsys):
+    out = tmp_path / "cmp"
+    def args(seeds, *flags):
+        return [ACAM, "--methods", "plain,mimic", "--seeds", str(seeds), "--out", str(out), *flags, *tiny(tmp_path)]
+
+    assert main(args(2, "--report-only")) == 0 and fake_engine == []  # nothing finished, nothing trained
+    assert "Report only: 0 of 5 runs finished" in (out / "results.md").read_text()
+    assert main(args(1)) == 0  # the teacher and seed 0 of each row
+    trained = len(fake_engine)
+    assert main(args(2, "--report-only")) == 0 and len(fake_engine) == trained  # still nothing more
+    text = (out / "results.md").read_text()
+    assert "Report only: 3 of 5 runs finished with this config; not finished: plain (seed 1), mimic (seed 1)." in text
+    data = json.loads((out / "results.json").read_text())
+    assert [row["n"] for row in data["rows"].values()] == [1, 1, 1] and not (out / "plain" / "seed1").exists()
+
+
 def test_the_teacher_override_changes_the_teacher_run_only(tmp_path, fake_engine):
     p = plan(ACAM, "plain,acam", out=tmp_path / "cmp", overrides=tiny(tmp_path),
              teacher_overrides=["train.iterations=3", "train.steps=[2]"])

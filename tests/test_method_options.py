@@ -25,6 +25,7 @@ from acamkd.methods import (
     options_class,
     parse_options,
 )
+from acamkd.methods.acam import DEFAULT_MODE, PAPER_MODE
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "shapes_det_acam.yaml")
 TEACHER, STUDENT = {"p3": 8, "p4": 6}, {"p3": 4, "p4": 6}
@@ -47,8 +48,9 @@ def child_config(tmp_path: Path, method_yaml: str) -> Path:
 def test_acam_options_defaults_are_the_level_defaults():
     level_defaults = {name: p.default for name, p in inspect.signature(ACAMLevel).parameters.items()
                       if p.default is not inspect.Parameter.empty}
-    options = ACAMOptions()
+    options = ACAMOptions(**PAPER_MODE)  # ACAMLevel's defaults are the paper; the options' add DEFAULT_MODE
     assert options.level_kwargs() == level_defaults
+    assert ACAMOptions().level_kwargs() == {**level_defaults, **DEFAULT_MODE}
     assert options.check_finite is True and isinstance(options, MethodOptions)
     assert options_class("acam") is ACAMOptions and get_method_class("acam") is ACAM
     assert ACAM.options_class is ACAMOptions and "acam" in list_methods()

@@ -135,7 +135,7 @@ def test_distil_a_torchvision_classifier_through_taps():
         loss.backward()
         optimizer.step()
         history.append(loss.item())
-    assert set(losses) == {"feat.channel", "feat.spatial", "feat.diversity"}
+    assert set(losses) == {"feat.channel", "feat.spatial", "feat.diversity", "feat.mass_floor"}  # the default mode
     assert all(torch.isfinite(torch.tensor(history)))
     assert history[-1] < 0.8 * history[0], history
     t_taps.remove()

@@ -48,6 +48,11 @@ the seeds; train s/step (median of the run's steps) and peak memory in MiB when 
 ``timing.json`` records it (``-`` otherwise): on a GPU the most memory tensors held during the run,
 on a CPU the run's peak resident set of the whole process (reset at each run's start on Linux).
 
+``--report-only`` trains, resumes and moves nothing: it writes the table of the runs already
+finished with this config (:func:`acamkd.experiments.read_finished`), a row's ``n`` its finished
+seeds, and names the runs that are not in the header (a look at a long study while it runs, or
+the table of a study stopped part-way).
+
 A second table (``results.md``, under "Masks and loss balance") gives each distilled row's
 trajectory from its ``metrics.jsonl`` (:mod:`acamkd.trajectories`): the mean spatial and channel
 mask at the first, middle and last logged step, the smallest level's at the end, and the ratio of
@@ -71,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from acamkd.config import Config, load_config, parse_override, to_dict
-from acamkd.experiments import Run, RunResult, aggregate, by_name, run_all, write_results
+from acamkd.experiments import Run, RunResult, aggregate, by_name, read_finished, run_all, write_results
 from acamkd.trajectories import run_trajectory, trajectory_table
 
 __all__ = ["PLAIN", "COLUMNS", "ComparePlan", "Row", "UnknownMethodError", "build_parser", "main", "parse_methods",
@@ -344,6 +349,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "or a full config key if it holds a dot; several in one quoted argument, "
                              "space-separated); repeatable")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (train.seed); default 1")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the table of the runs already finished with this config "
+                             "(each row's n says how many seeds it has; the header lists the runs not finished)")
     parser.add_argument("--out", default=None, help="runs go to OUT/<row>/seed<k>, the teacher to OUT/teacher/seed0, "
                                                     "the table to OUT/results.{md,json}; default "
                                                     "runs/compare/<config stem>")
@@ -406,10 +414,17 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = plan(args.config, args.methods, args.variants, args.seeds, args.out, args.overrides,
              args.teacher_overrides, args.teacher_checkpoint)
-    results = [_with_trajectory(r) for r in run_all(p.runs)]
+    header = p.header
+    if args.report_only:  # the table of what is finished; nothing trains
+        finished, missing = read_finished(p.runs)
+        header += (f" Report only: {len(finished)} of {len(p.runs)} runs finished with this config"
+                   + (f"; not finished: {', '.join(r.id for r in missing)}." if missing else "."))
+        results = [_with_trajectory(r) for r in finished]
+    else:
+        results = [_with_trajectory(r) for r in run_all(p.runs)]
     if p.external_teacher is not None:
         results = [p.external_teacher, *results]
-    md, js = write_results(p.out / "results", results, p.columns, p.header + _memory_note(results), peak_memory=True)
+    md, js = write_results(p.out / "results", results, p.columns, header + _memory_note(results), peak_memory=True)
     trajectories = trajectory_table(aggregate(by_name(results)))
     if trajectories:
         md.write_text(md.read_text() + f"\n{TRAJECTORY_HEADER}\n\n{trajectories}\n")

@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from acamkd.config import Config, to_dict
 
-__all__ = ["Run", "RunResult", "run_all", "run_key", "aggregate", "by_name", "markdown_table", "format_table",
+__all__ = ["Run", "RunResult", "run_all", "read_finished", "run_key", "aggregate", "by_name", "markdown_table", "format_table",
            "results_json", "write_results", "MARKER", "PEAK_MEMORY", "STATUS_CACHED", "STATUS_RAN", "STATUS_RESUMED"]
 
 logger = logging.getLogger("acamkd")
@@ -276,6 +276,23 @@ def _runner_lock(run: Run):
                          busy=f"run {run.id} in {out} is being run by another acamkd process (pid {{pid}}), e.g. a "
                               f"second acamkd compare or demo on the same --out: wait for it, stop it, or use "
                               f"another --out")
+
+
+def read_finished(runs: Sequence[Run]) -> tuple[list[RunResult], list[Run]]:
+    """``(finished, missing)``: the runs :func:`run_all` would read back as finished with their
+    current config (status ``cached``), and the others (never started, unfinished, holding another
+    config, or needing a run that is not finished), each in input order. Trains, resumes, moves and
+    writes nothing: a report of where a run set stands (``acamkd compare --report-only``).
+    Raises ValueError as :func:`run_all` for a malformed run set."""
+    ordered, needs = _order(runs)
+    done: dict[str, RunResult] = {}
+    for r in ordered:
+        if any(dep.id not in done for dep in needs[r.id]):
+            continue
+        key = run_key(r, {dep.id: done[dep.id].key for dep in needs[r.id]})
+        if _state(r, key)[0] in ("done", "legacy"):
+            done[r.id] = RunResult(r, _collect(r.output_dir), STATUS_CACHED, key)
+    return [done[r.id] for r in runs if r.id in done], [r for r in runs if r.id not in done]
 
 
 def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResult:

@@ -63,7 +63,8 @@ from acamkd.ops.masking import (
     spatial_masks,
 )
 
-__all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "QUERY_SIDES", "MASK_FAMILIES",
+__all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "PAPER_MODE", "DEFAULT_MODE", "QUERY_SIDES",
+           "MASK_FAMILIES",
            "MASK_GRADS", "ADVERSARIAL_MASS_BETA", "resolve_mass_beta", "level_stride", "box_cover"]
 
 QuerySide = Literal["teacher", "student"]
@@ -83,6 +84,15 @@ assert typing.get_args(ChannelMaskForm) == CHANNEL_MASK_FORMS and typing.get_arg
 assert typing.get_args(AttentionLayout) == tuple(ATTENTION_LAYOUTS)
 assert typing.get_args(MaskActivation) == MASK_ACTIVATIONS
 assert typing.get_args(FeatureNorm) == FEATURE_NORMS
+
+# The paper's values of the switches that ACAM-KD's options add (docs/methods.md, "Switches against
+# mask collapse"): ACAMLevel's defaults, and what configs/*/*_acam_paper.yaml pin.
+PAPER_MODE: dict[str, Any] = {"mask_norm": "mass", "mask_activation": "sigmoid", "mask_grad": "descend",
+                              "mass_beta": None, "fusion_student_grad": True, "feature_norm": "none"}
+# Where ACAMOptions (build("acam"), the configs, the demo) departs from the paper by default: chosen by
+# the no-collapse study (docs/methods.md, "The default mode"; docs/results.md). The paper mode is
+# ACAMOptions(**PAPER_MODE).
+DEFAULT_MODE: dict[str, Any] = {"feature_norm": "standardise", "mask_grad": "adversarial", "fusion_student_grad": False}
 
 # mass_beta when left unset (None): off (0) for "descend" and "detach", 10 for "adversarial" (the
 # value the mask-collapse study ran with: rho 0.3, beta 10, masks ended at mean 0.43).
@@ -126,8 +136,13 @@ def _check_switches(mask_activation: Any, mask_grad: Any, mass_rho: Any, mass_be
 
 @dataclass(kw_only=True)
 class ACAMOptions(MethodOptions):
-    """ACAM-KD's options (``method.options`` in a config); the paper's settings are the defaults
-    (M = 6 for COCO, 19 for Cityscapes; alpha = lambda = 1). Meanings: :class:`ACAMLevel`.
+    """ACAM-KD's options (``method.options`` in a config). The paper's settings (M = 6 for COCO, 19
+    for Cityscapes; alpha = lambda = 1, teacher query, the paper's channel masks, mass
+    normalisation) are the defaults, except three switches against mask collapse set by the
+    no-collapse study (:data:`DEFAULT_MODE`): ``feature_norm="standardise"``,
+    ``mask_grad="adversarial"`` (with the mass floor ``rho = 0.3``, ``beta = 10``) and
+    ``fusion_student_grad=False``. ``ACAMOptions(**PAPER_MODE)`` is the paper exactly (ACAMLevel's
+    own defaults). Meanings: :class:`ACAMLevel`; why: ``docs/methods.md``, "The default mode".
 
     Raises (construction): :class:`~acamkd.methods.base.OptionError` naming the option.
     """
@@ -141,14 +156,14 @@ class ACAMOptions(MethodOptions):
     masks: MaskFamily = "both"  # mask families built: both | spatial | channel (ablations)
     init_std: float = 0.01  # std of the mask units' N(0, std) init: masks start near 0.5 (>= 0)
     attention_layout: AttentionLayout = "split"  # speed only, never values: q/k/v layout for the fused kernels
-    # Switches against mask collapse (ACAMLevel; docs/methods.md). Defaults: the paper.
+    # Switches against mask collapse (ACAMLevel; docs/methods.md). Defaults: DEFAULT_MODE (the study), PAPER_MODE the paper.
     mask_activation: MaskActivation = "sigmoid"  # sigmoid (paper) | partition: softmax across the M masks per unit
-    mask_grad: MaskGrad = "descend"  # masks in the masked loss: descend (paper) | adversarial | detach
+    mask_grad: MaskGrad = "adversarial"  # masks in the masked loss: descend (paper) | adversarial (default) | detach
     mass_rho: float = 0.3  # mass floor level: beta * sum_m relu(rho - mean w_m)^2 (in [0, 1])
     mass_beta: float | None = None  # mass floor weight; None: 0 (paper, detach) / 10 (adversarial)
-    fusion_student_grad: bool = True  # False: the aligned student enters STCA-FF detached
+    fusion_student_grad: bool = False  # True (paper): the student's gradient also flows through STCA-FF
     diagnostics: bool = True  # extra ACAM.statistics(): masses, participation, error correlation, boxes
-    feature_norm: FeatureNorm = "none"  # none (paper) | standardise: per image and channel over positions (PKD)
+    feature_norm: FeatureNorm = "standardise"  # none (paper) | standardise (default): per image and channel (PKD)
 
     def validate(self) -> None:
         super().validate()
