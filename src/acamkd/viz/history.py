@@ -227,9 +227,17 @@ def _panel_figure(runs: list[RunHistory], colours: list[Any], panels: list[tuple
 def _legend(fig: Any, runs: list[RunHistory], colours: list[Any], title: str) -> None:
     from matplotlib.lines import Line2D
 
-    fig.suptitle(title, fontsize=11)
+    import textwrap
+
+    width_in = fig.get_size_inches()[0]
+    # long run names (a study's variants) must not run off the figure: wrap the title at ~12
+    # characters per inch (11 pt) and give the legend only as many columns as ~15 characters per
+    # inch of 8 pt labels allow
+    fig.suptitle("\n".join(textwrap.wrap(title, max(20, int(width_in * 12)))), fontsize=11)
     handles = [Line2D([], [], color=c, linewidth=2) for c in colours]
-    fig.legend(handles, [r.label for r in runs], loc="outside lower center", ncols=min(len(runs), 4), fontsize=8,
+    labels = [r.label for r in runs]
+    per_row = max(1, int(width_in * 15) // max(1, max(len(label) + 4 for label in labels)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, min(len(runs), 4, per_row)), fontsize=8,
                frameon=False)
 
 
