@@ -16,7 +16,7 @@ def test_smoke_demo_prints_the_table_and_reuses_its_runs(tmp_path, capsys):
     args = ["--smoke", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
     assert demo_main(args) == 0
     out = capsys.readouterr().out
-    for row in ("teacher (retinanet resnet50)", "student (retinanet resnet18)", "student + mimic (aligned MSE)",
+    for row in ("teacher (retinanet resnet50)", "student (retinanet resnet18)", "student + mimic (standardised MSE)",
                 "student + ACAM-KD", "student + ACAM-KD (paper mode)"):
         assert row in out
     results = json.loads((tmp_path / "runs" / "smoke" / "results.json").read_text())
@@ -32,7 +32,7 @@ def test_segmentation_smoke_demo_prints_miou_for_every_run(tmp_path, capsys):
     assert demo_main(args) == 0
     out = capsys.readouterr().out
     assert "| model | mIoU | mAcc | aAcc | train s/step |" in out
-    for row in ("teacher (deeplabv3 resnet18)", "student (deeplabv3 mobilenet_v2)", "student + mimic (aligned MSE)",
+    for row in ("teacher (deeplabv3 resnet18)", "student (deeplabv3 mobilenet_v2)", "student + mimic (standardised MSE)",
                 "student + ACAM-KD", "student + ACAM-KD (paper mode)"):
         assert row in out
     results = json.loads((tmp_path / "runs" / "seg-smoke" / "results.json").read_text())
@@ -98,6 +98,7 @@ def test_demo_overrides_win_over_the_profile_for_every_run():
         assert (paper["mask_norm"], paper["mask_activation"], paper["mask_grad"], paper["feature_norm"],
                 paper["fusion_student_grad"], paper["mass_beta"]) == ("mass", "sigmoid", "descend", "none", True, None)
         assert cfgs["acam_paper"].teacher.checkpoint == cfgs["acam"].teacher.checkpoint
+        assert cfgs["mimic"].method.options["feature_norm"] == "standardise"  # as the default ACAM-KD mode
         assert cfgs["mimic"].method.name == "mimic" and cfgs["mimic"].teacher.checkpoint == cfgs["acam"].teacher.checkpoint
     full = build_configs(build_parser().parse_args([]))  # the full profile: teacher twice the student's steps
     assert full["teacher"].train.iterations == 2 * full["student"].train.iterations
