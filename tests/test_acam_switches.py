@@ -54,6 +54,15 @@ def test_standardised_features_match_both_references_fp64(collapse):
     _check(acam_level_vectorised, level, teacher, student, F64)
 
 
+def test_standardised_one_cell_level_matches_both_references():
+    # a 1 x 1 map (P7 of a small input): standardised to 0; the references must not refuse it
+    # (F.instance_norm does in training; found by the bench)
+    level = make_level(6, 4, 2, SWITCH_SETS[0], dtype=F64, feature_norm="standardise")
+    teacher, student = make_feats(2, 6, 4, (1, 1), dtype=F64)
+    _check(acam_level_plain, level, teacher, student, F64)
+    _check(acam_level_vectorised, level, teacher, student, F64)
+
+
 def test_standardised_losses_do_not_depend_on_the_teacher_scale_and_the_pair_is_standardised():
     level = make_level(8, 5, 3, SWITCH_SETS[0], dtype=F64, feature_norm="standardise")
     teacher, student = make_feats(2, 8, 5, (4, 4), dtype=F64, requires_grad=False)

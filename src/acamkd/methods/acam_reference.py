@@ -12,8 +12,8 @@ compared with them value for value and gradient for gradient. Neither uses :mod:
 
 Both implement every switch of :class:`~acamkd.methods.acam.ACAMLevel`, including those against
 mask collapse (``mask_activation``, ``mask_grad``, the mass floor, ``fusion_student_grad``) and
-``feature_norm`` (as ``F.instance_norm``), independently of the fast path: the softmax across
-masks is written out (``exp / sum``), the
+``feature_norm`` (instance normalisation written out), independently of the fast path: the
+softmax across masks is written out (``exp / sum``), the
 gradient reversal is ``2 sg(w) - w`` (value ``w``, exactly, by Sterbenz's lemma; gradient ``-1``)
 rather than an autograd function, and the floor and the partition gain are spelled out.
 """
@@ -33,6 +33,14 @@ __all__ = ["acam_level_plain", "acam_level_vectorised"]
 _EPS = 1e-12
 
 
+def _instance_standardise(x: Tensor) -> Tensor:
+    """``(x - mean) / sqrt(var + 1e-5)`` over the positions of each image's each channel, in the
+    ``(B, C, H, W)`` layout (what ``F.instance_norm`` computes, which refuses 1 x 1 maps in training)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
 def _resize_and_project(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tensor):
     """Shared prologue: resize student to the teacher grid, align, standardise the pair
     (``feature_norm``), project with the 1x1 convs. Returns the teacher feature as used after."""
@@ -41,7 +49,7 @@ def _resize_and_project(level: ACAMLevel, teacher_feat: Tensor, student_feat: Te
         student_feat = F.interpolate(student_feat, size=(H, W), mode="bilinear", align_corners=False)
     aligned = level.align(student_feat)  # F_S' (B, C, H, W)
     if level.feature_norm == "standardise":  # instance norm without affine: per image, per channel
-        teacher_feat, aligned = F.instance_norm(teacher_feat, eps=1e-5), F.instance_norm(aligned, eps=1e-5)
+        teacher_feat, aligned = _instance_standardise(teacher_feat), _instance_standardise(aligned)
     # fusion_student_grad=False: STCA-FF reads a constant copy of F_S'.
     fusion_student = aligned if level.fusion_student_grad else aligned.detach()
     if level.query == "teacher":
