@@ -1,7 +1,8 @@
 """Evaluation maps boxes from the resized model input back to the original image frame."""
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
+
+from _detection_helpers import GroundTruthInInputFrame
 
 from acamkd.config import load_config
 from acamkd.data.synthetic import make_shapes
@@ -9,16 +10,6 @@ from acamkd.engine.detection import DetectionTask
 from acamkd.engine.distributed import DistInfo
 
 
-class GroundTruthInInputFrame(nn.Module):
-    """Predicts the (resized) targets it is handed through ``self.targets``: a perfect model."""
-
-    def __init__(self):
-        super().__init__()
-        self.targets = []
-
-    def forward(self, images):
-        return [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
-                for t in self.targets.pop(0)]
 
 
 def test_predictions_in_a_resized_frame_score_perfectly_after_mapping_back(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from _cli_helpers import acamkd
+from _detection_helpers import GroundTruthInInputFrame
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader
 
 from acamkd.config import ConfigError, load_config
@@ -190,16 +190,6 @@ def test_eleven_classes_train_distil_eval_export(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- detection subset
-class Oracle(nn.Module):
-    """Predicts the targets it is handed (a perfect model) with the dataset's labels."""
-
-    def __init__(self):
-        super().__init__()
-        self.targets = []
-
-    def forward(self, images):
-        return [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
-                for t in self.targets.pop(0)]
 
 
 def _det_cfg(root, *extra):
@@ -259,7 +249,7 @@ def test_three_categories_train_and_evaluate_with_their_ids(tmp_path):
     task = DetectionTask(_det_cfg(root, *chosen), DistInfo())
     val = task.val_dataset()
     loader = DataLoader(val, batch_size=2, collate_fn=task.collate)
-    oracle = Oracle()
+    oracle = GroundTruthInInputFrame()
     oracle.targets = [batch[1] for batch in loader]
     metrics = task.evaluate(oracle, loader, val)  # wrong label -> id mapping would score ~0
     assert metrics["AP"] > 0.99
