@@ -104,3 +104,19 @@ def test_distill_bench_cli_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert all("median_ms" in r for r in report["results"].values()), report["results"]
     assert report["config"]["teacher"] == "retinanet resnet18" and report["distill_over_student_plus_teacher"] > 0
+
+
+def test_cpu_peak_counts_only_the_measured_calls():
+    """The CPU peak is the resident-set high-water mark over the timed calls, not the process's
+    lifetime peak: a 256 MiB step reads about 256 MiB, a tiny step measured after it reads little."""
+    import torch
+
+    from acamkd.bench.measure import time_and_peak
+
+    def big() -> None:
+        torch.ones(64 * 2**20, dtype=torch.float32).sum()  # 256 MiB, written, then freed
+
+    _, peak_big = time_and_peak(big, "cpu", warmup=0, repeats=1)
+    assert 200 * 2**20 < peak_big < 400 * 2**20
+    _, peak_small = time_and_peak(lambda: torch.ones(16).sum(), "cpu", warmup=0, repeats=2)
+    assert peak_small < 64 * 2**20

@@ -184,7 +184,10 @@ def _set_override(raw: dict, text: str, origins: dict[str, str]) -> None:
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The type hints of ``cls``'s dataclass fields (class variables, e.g. a method's
+    ``task_defaults``, are not config keys)."""
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+    return {k: v for k, v in typing.get_type_hints(cls).items() if names is None or k in names}
 
 
 def _unwrap(tp: Any) -> Any:
@@ -707,7 +710,9 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
     and replaced by the complete options, defaults included, so the resolved config (``config.yaml``,
     experiment cache keys, resume checks) records every value the method uses. An options class with
     ``num_masks`` (ACAM-KD's M) left unset gets the class count when a segmentation run distils the
-    logits (:func:`_logit_classes`), as the paper sets M = 19 on Cityscapes."""
+    logits (:func:`_logit_classes`), as the paper sets M = 19 on Cityscapes. A method registered for
+    other tasks only (FGD: detection) is a problem naming the methods that fit; an option left unset
+    takes the options class's ``task_defaults`` for the student's task (CWD: weight 5 on segmentation)."""
     name = cfg.method.name
     if name is None:
         if cfg.method.options:
@@ -721,6 +726,11 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
         close = difflib.get_close_matches(name, methods.available(), n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         return [("method.name", f"unknown method {name!r}; {hint}registered: {', '.join(methods.available())}")]
+    task, tasks = cfg.student.task, methods.method_tasks(name)
+    if task not in tasks:
+        fit = [m for m in methods.available() if task in methods.method_tasks(m)]
+        return [("method.name", f"method {name!r} applies to {' and '.join(tasks)} only, and student.task is "
+                                f"{task!r}{ctx.where('student.task')}; methods for {task}: {', '.join(fit)}")]
     options_cls = methods.options_class(name)
     fields = [f.name for f in dataclasses.fields(options_cls) if f.init]
     foreign = [k for k in cfg.method.options if k not in fields]
@@ -732,6 +742,10 @@ def _method_problems(cfg: Config, ctx: _Ctx) -> list[tuple[str, str]]:
                           f"{ctx.where('method.name')}; options{ctx.where(key)}); {name!r} has: {', '.join(fields)}. "
                           f"To replace the whole section, override method.options={{}} or method.options={{key: "
                           f"value, ...}} (in a YAML file: _replace_: true under options)")
+    for key, value in options_cls.task_defaults.get(task, {}).items():
+        if key not in cfg.method.options:  # e.g. CWD's weight 5 on segmentation logits (MMRazor)
+            cfg.method.options = {**cfg.method.options, key: value}
+            ctx.origins.setdefault(f"method.options.{key}", f"default of {name!r} for {task}")
     if "num_masks" in fields and "num_masks" not in cfg.method.options:
         classes = _logit_classes(cfg)
         if classes is not None:  # the paper's M for logits: one mask per class (19 on Cityscapes)

@@ -99,22 +99,12 @@ def _model_input(task: Any, images: Any) -> Any:
     return task.model_input(images) if isinstance(images, list) else images
 
 
-def _reset_peak_rss() -> None:
-    """Reset this process's resident-set high-water mark (Linux ``/proc/self/clear_refs``), so the
-    CPU peak of ``time_and_peak`` counts the forwards, not building or exporting the model before
-    them; elsewhere a no-op (the peak then includes them)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def inference_cost(task: Any, model: Any, batch: Any, device: str, warmup: int, repeats: int,
                    amp: str = "none") -> dict[str, Any]:
     """One model's inference (eval, no grad, full forward): ``params``, ``flops`` of one image (the
     batch's first), and over the whole ``batch`` ``median_ms``, ``images_per_s``, ``peak_mib``
-    (:func:`acamkd.bench.measure.time_and_peak`; on CPU after :func:`_reset_peak_rss`)."""
+    (:func:`acamkd.bench.measure.time_and_peak`, which on CPU resets the resident-set high-water
+    mark first, so building or exporting the model before does not count)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -137,8 +127,6 @@ def inference_cost(task: Any, model: Any, batch: Any, device: str, warmup: int, 
         with torch.no_grad(), autocast():
             model(inputs)
 
-    if device == "cpu":
-        _reset_peak_rss()
     times, peak = time_and_peak(forward, device, warmup, repeats)
     median = statistics.median(times) / 1e3
     n = task.batch_size(batch)
@@ -190,12 +178,12 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
 def _inference_worker(role: str, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from acamkd.bench.distill import _calibrate_batchnorm
+    from acamkd.bench.distill import calibrate_batchnorm
 
     cfg, task, batch, models = _build(spec)
     images = task.to_device(batch, torch.device("cpu"))[0]
     for model in (models.teacher, models.student):  # random BatchNorm statistics can overflow a deep net
-        _calibrate_batchnorm(task, model, None, images)
+        calibrate_batchnorm(task, model, None, images)
     if role == "exported":
         with tempfile.TemporaryDirectory() as folder:
             model = exported_student(cfg, task, models, spec["classes"], folder)

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "bench_overrides", "run_variant", "DEFAULT_CONFIGS", "VARIANTS"]
+__all__ = ["main", "build_parser", "bench_overrides", "calibrate_batchnorm", "run_variant", "DEFAULT_CONFIGS", "VARIANTS"]
 
 VARIANTS = ("student", "teacher", "distill")
 _CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -81,11 +81,14 @@ def bench_overrides(args: argparse.Namespace) -> list[str]:
     return out + _BENCH_OVERRIDES
 
 
-def _calibrate_batchnorm(task, teacher, taps, images) -> None:
-    """Set the teacher's BatchNorm running statistics to those of ``images``: a randomly initialised
-    deep teacher in eval mode, with unit running variances, produces logits large enough to make the
-    distillation step diverge. Each BatchNorm takes the mean and (unbiased) variance of its own
-    input during one teacher forward (pre-hooks), in the order the layers run."""
+def calibrate_batchnorm(task, teacher, taps, images) -> None:
+    """Set ``teacher``'s BatchNorm running statistics to those of ``images`` (what
+    ``task.teacher_forward(teacher, taps, images)`` reaches: with ``taps`` None the registry's cheap
+    pass, so a detector head's norms keep theirs): a randomly initialised deep teacher in eval mode, with unit running
+    variances, produces logits large enough to make a benchmark's distillation step diverge, so the
+    benchmarks and ``acamkd cost`` calibrate before timing. Each BatchNorm takes the mean and
+    (unbiased) variance of its own input during one teacher forward (pre-hooks), in the order the
+    layers run. Changes the running statistics in place; no parameter changes."""
     import torch
 
     def set_statistics(module, args) -> None:
@@ -125,7 +128,7 @@ def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     step = build_step(cfg, task, models, info, total_steps=10**6)
     if models.teacher is not None:
         images, _ = task.to_device(batch, device)
-        _calibrate_batchnorm(task, models.teacher, models.teacher_taps, images)
+        calibrate_batchnorm(task, models.teacher, models.teacher_taps, images)
 
     def teacher_forward() -> None:
         images, _ = task.to_device(batch, device)

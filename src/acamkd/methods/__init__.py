@@ -12,6 +12,7 @@ from acamkd.methods.registry import (
     build,
     get_method_class,
     list_methods,
+    method_tasks,
     options_class,
     parse_options,
     register,
@@ -24,5 +25,5 @@ from acamkd.methods.fgd import FGD, FGDOptions  # noqa: E402  (registers "fgd")
 __all__ = [
     "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "CWD", "CWDOptions", "DistillBatch", "DistillMethod",
     "FGD", "FGDOptions", "LevelResult", "LevelwiseMethod", "MethodOptions", "OptionError", "available", "build",
-    "get_method_class", "list_methods", "options_class", "parse_options", "register",
+    "get_method_class", "list_methods", "method_tasks", "options_class", "parse_options", "register",
 ]

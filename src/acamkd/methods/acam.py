@@ -64,13 +64,14 @@ from acamkd.ops.masking import (
 )
 
 __all__ = ["ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "PAPER_MODE", "DEFAULT_MODE", "QUERY_SIDES",
-           "MASK_FAMILIES",
+           "MASK_FAMILIES", "MASK_SOURCES",
            "MASK_GRADS", "ADVERSARIAL_MASS_BETA", "resolve_mass_beta", "level_stride", "box_cover"]
 
 QuerySide = Literal["teacher", "student"]
 ChannelMaskForm = Literal["paper", "elementwise", "article"]
 MaskNorm = Literal["mass", "energy"]
 MaskFamily = Literal["both", "spatial", "channel"]
+MaskSource = Literal["cooperative", "teacher", "uniform"]
 AttentionLayout = Literal["split", "single"]
 MaskActivation = Literal["sigmoid", "partition"]
 MaskGrad = Literal["descend", "adversarial", "detach"]
@@ -79,6 +80,7 @@ FeatureNorm = Literal["none", "standardise"]
 QUERY_SIDES = typing.get_args(QuerySide)
 ATTENTION_LAYOUTS = {"split": True, "single": False}  # -> split_value_heads
 MASK_FAMILIES = typing.get_args(MaskFamily)
+MASK_SOURCES = typing.get_args(MaskSource)
 MASK_GRADS = typing.get_args(MaskGrad)
 assert typing.get_args(ChannelMaskForm) == CHANNEL_MASK_FORMS and typing.get_args(MaskNorm) == MASK_NORMS
 assert typing.get_args(AttentionLayout) == tuple(ATTENTION_LAYOUTS)
@@ -154,6 +156,7 @@ class ACAMOptions(MethodOptions):
     channel_mask: ChannelMaskForm = "paper"  # channel-mask form: sigmoid(a_m v) | elementwise | article
     mask_norm: MaskNorm = "mass"  # masked-loss normaliser: sum w (paper) | sum w^2 (scale-invariant)
     masks: MaskFamily = "both"  # mask families built: both | spatial | channel (ablations)
+    mask_source: MaskSource = "cooperative"  # masks from: STCA-FF (paper) | the teacher alone | none: all 1 (ablations)
     init_std: float = 0.01  # std of the mask units' N(0, std) init: masks start near 0.5 (>= 0)
     attention_layout: AttentionLayout = "split"  # speed only, never values: q/k/v layout for the fused kernels
     # Switches against mask collapse (ACAMLevel; docs/methods.md). Defaults: DEFAULT_MODE (the study), PAPER_MODE the paper.
@@ -174,6 +177,7 @@ class ACAMOptions(MethodOptions):
         check_choice("channel_mask", self.channel_mask, CHANNEL_MASK_FORMS)
         check_choice("mask_norm", self.mask_norm, MASK_NORMS)
         check_choice("masks", self.masks, MASK_FAMILIES)
+        check_choice("mask_source", self.mask_source, MASK_SOURCES)
         check_choice("attention_layout", self.attention_layout, tuple(ATTENTION_LAYOUTS))
         _check_switches(self.mask_activation, self.mask_grad, self.mass_rho, self.mass_beta,
                         self.fusion_student_grad, self.diagnostics)
@@ -264,6 +268,14 @@ class ACAMLevel(nn.Module):
       STCA-FF's keys/values (queries under ``query="student"``); False: it enters STCA-FF
       detached, so the student is trained only through ``d``.
     * ``diagnostics``: also return the detached per-unit errors for :meth:`ACAM.statistics`.
+    * ``mask_source`` (the ablation rows of the paper's Table 10 and ours): "cooperative" (the
+      paper: the masks read STCA-FF's fused feature); "teacher" (the teacher-only adaptive mask:
+      the masks read the teacher feature alone, ``fused = F_T``, no STCA-FF is built, learned
+      online under the same ``mask_grad``); "uniform" (every mask is 1, no mask units and no
+      STCA-FF: each family's masked loss is then the plain aligned MSE ``mean (F_T - F_S')^2`` under
+      any ``mask_norm``, so ``masks="channel"`` equals ``mimic`` with ``weight=alpha`` and the same
+      ``feature_norm``; no Dice term (reported 0) and no floor; ``mask_activation`` and
+      ``mask_grad`` have nothing to act on).
     * ``feature_norm``: "none" (paper) | "standardise": the teacher feature and the aligned
       student are standardised per image and channel over the positions
       (:func:`acamkd.ops.normalise.standardise`, PKD's normalisation) right after the alignment;
@@ -287,6 +299,7 @@ class ACAMLevel(nn.Module):
         channel_mask: ChannelMaskForm = "paper",
         mask_norm: MaskNorm = "mass",
         masks: MaskFamily = "both",
+        mask_source: MaskSource = "cooperative",
         init_std: float = 0.01,
         attention_layout: AttentionLayout = "split",
         mask_activation: MaskActivation = "sigmoid",
@@ -307,6 +320,7 @@ class ACAMLevel(nn.Module):
         self.channel_mask = check_choice("channel_mask", channel_mask, CHANNEL_MASK_FORMS)
         self.mask_norm = check_choice("mask_norm", mask_norm, MASK_NORMS)
         self.masks = check_choice("masks", masks, MASK_FAMILIES)
+        self.mask_source = check_choice("mask_source", mask_source, MASK_SOURCES)
         init_std = check_weight("init_std", init_std)
         self.attention_layout = check_choice("attention_layout", attention_layout, tuple(ATTENTION_LAYOUTS))
         self.mass_beta = _check_switches(mask_activation, mask_grad, mass_rho, mass_beta, fusion_student_grad,
@@ -315,23 +329,29 @@ class ACAMLevel(nn.Module):
         self.mass_rho = float(mass_rho)
         self.fusion_student_grad, self.diagnostics = fusion_student_grad, diagnostics
         self.feature_norm = check_choice("feature_norm", feature_norm, FEATURE_NORMS)
-        # Loss gain: 1.0 except under partition (M/2 with mass, 1 with energy).
-        self.loss_gain = partition_gain(self.num_masks, self.mask_norm) if mask_activation == "partition" else 1.0
+        # Loss gain: 1.0 except under partition (M/2 with mass, 1 with energy); uniform masks are 1.
+        self.loss_gain = (partition_gain(self.num_masks, self.mask_norm)
+                          if mask_activation == "partition" and self.mask_source != "uniform" else 1.0)
 
         channels, qk_channels = self.teacher_channels, self.teacher_channels // 2
         self.align = nn.Conv2d(self.student_channels, channels, 1)  # f_align: C_s -> C_t
-        self.query_proj = nn.Conv2d(channels, qk_channels, 1)  # W_q: C -> C/2
-        # W_k: C -> C/2 without bias: a key bias adds q_i . b_k to every logit of row i, which
-        # the softmax over j removes, so it would be a parameter with an identically zero grad.
-        self.key_proj = nn.Conv2d(channels, qk_channels, 1, bias=False)
-        self.value_proj = nn.Conv2d(channels, channels, 1)  # W_v: C -> C
+        if self.mask_source == "cooperative":  # STCA-FF exists only to make the masks' input
+            self.query_proj = nn.Conv2d(channels, qk_channels, 1)  # W_q: C -> C/2
+            # W_k: C -> C/2 without bias: a key bias adds q_i . b_k to every logit of row i, which
+            # the softmax over j removes, so it would be a parameter with an identically zero grad.
+            self.key_proj = nn.Conv2d(channels, qk_channels, 1, bias=False)
+            self.value_proj = nn.Conv2d(channels, channels, 1)  # W_v: C -> C
+        else:
+            for name in ("query_proj", "key_proj", "value_proj"):
+                self.register_module(name, None)
         # Mask units start small (N(0, init_std), as MasKD's mask tokens): masks start near 0.5.
-        if self.masks in ("both", "channel"):
+        learned = self.mask_source != "uniform"
+        if self.masks in ("both", "channel") and learned:
             shape = (self.num_masks,) if self.channel_mask == "paper" else (self.num_masks, channels)
             self.channel_units = nn.Parameter(torch.randn(shape) * init_std)
         else:
             self.register_parameter("channel_units", None)
-        if self.masks in ("both", "spatial"):
+        if self.masks in ("both", "spatial") and learned:
             self.spatial_units = nn.Parameter(torch.randn(self.num_masks, channels) * init_std)
         else:
             self.register_parameter("spatial_units", None)
@@ -340,6 +360,7 @@ class ACAMLevel(nn.Module):
         return (f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, "
                 f"num_masks={self.num_masks}, alpha={self.alpha}, lam={self.lam}, query={self.query!r}, "
                 f"channel_mask={self.channel_mask!r}, mask_norm={self.mask_norm!r}, masks={self.masks!r}, "
+                f"mask_source={self.mask_source!r}, "
                 f"attention_layout={self.attention_layout!r}, mask_activation={self.mask_activation!r}, "
                 f"mask_grad={self.mask_grad!r}, mass_rho={self.mass_rho}, mass_beta={self.mass_beta}, "
                 f"fusion_student_grad={self.fusion_student_grad}, feature_norm={self.feature_norm!r}")
@@ -365,7 +386,7 @@ class ACAMLevel(nn.Module):
         only the gradients differ.
         """
         scale = self.alpha * self.loss_gain  # == alpha exactly in paper mode (gain 1.0)
-        if self.mask_grad == "descend":
+        if self.mask_grad == "descend" or self.mask_source == "uniform":  # (constant masks: all modes agree)
             return scale * masked_mse(sq_err, masks, other_size, self.mask_norm)
         student_side = scale * masked_mse(sq_err, masks.detach(), other_size, self.mask_norm)
         if self.mask_grad == "detach":
@@ -395,13 +416,15 @@ class ACAMLevel(nn.Module):
                 teacher_tokens, aligned = standardise(teacher_tokens, 1), standardise(aligned, 1)
             diff_sq = (teacher_tokens - aligned).square()  # (B, N, C) fp32
 
-        # STCA-FF under the caller's autocast (bf16 fused kernels on GPU).
-        fusion_student = aligned if self.fusion_student_grad else aligned.detach()
-        query_src, context_src = ((teacher_tokens, fusion_student) if self.query == "teacher"
-                                  else (fusion_student, teacher_tokens))
-        fused = cross_attention_tokens(query_src, context_src, *self._linear(self.query_proj),
-                                       *self._linear(self.key_proj), *self._linear(self.value_proj),
-                                       split_value_heads=ATTENTION_LAYOUTS[self.attention_layout])  # (B, N, C)
+        if self.mask_source == "cooperative":  # STCA-FF under the caller's autocast (bf16 fused kernels on GPU)
+            fusion_student = aligned if self.fusion_student_grad else aligned.detach()
+            query_src, context_src = ((teacher_tokens, fusion_student) if self.query == "teacher"
+                                      else (fusion_student, teacher_tokens))
+            fused = cross_attention_tokens(query_src, context_src, *self._linear(self.query_proj),
+                                           *self._linear(self.key_proj), *self._linear(self.value_proj),
+                                           split_value_heads=ATTENTION_LAYOUTS[self.attention_layout])  # (B, N, C)
+        else:  # "teacher": the masks read the teacher feature alone; "uniform": no masks to read
+            fused = teacher_tokens  # (B, N, C)
 
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
@@ -410,29 +433,34 @@ class ACAMLevel(nn.Module):
             fused32 = _upcast(fused)
             diversity = fused32.new_zeros(())
             floor = fused32.new_zeros(())
-            if self.channel_units is not None:
-                channel_m = channel_masks(fused32.mean(1), self.channel_units, self.channel_mask,
-                                          self.mask_activation)  # (B, M, C)
+            uniform = self.mask_source == "uniform"
+            if self.masks in ("both", "channel"):
+                channel_m = (fused32.new_ones(B, self.num_masks, C) if uniform else  # (B, M, C)
+                             channel_masks(fused32.mean(1), self.channel_units, self.channel_mask,
+                                           self.mask_activation))
                 channel_err = diff_sq.sum(1)  # (B, C)
                 losses["channel"] = self._masked_loss(channel_err, channel_m, N)
                 channel_dice = mean_pairwise_dice(channel_m)
-                diversity = diversity + channel_dice
-                if self.mass_beta > 0:
-                    floor = floor + mass_floor(channel_m, self.mass_rho)
+                if not uniform:  # constant masks: nothing to diversify or to keep from collapsing
+                    diversity = diversity + channel_dice
+                    if self.mass_beta > 0:
+                        floor = floor + mass_floor(channel_m, self.mass_rho)
                 stats["channel_mask_mean"] = channel_m.detach().mean()
                 stats["channel_dice"] = channel_dice.detach()
-            if self.spatial_units is not None:
-                spatial_m = spatial_masks(fused32, self.spatial_units, self.mask_activation)  # (B, M, N)
+            if self.masks in ("both", "spatial"):
+                spatial_m = (fused32.new_ones(B, self.num_masks, N) if uniform else  # (B, M, N)
+                             spatial_masks(fused32, self.spatial_units, self.mask_activation))
                 spatial_err = diff_sq.sum(2)  # (B, N)
                 losses["spatial"] = self._masked_loss(spatial_err, spatial_m, C)
                 spatial_dice = mean_pairwise_dice(spatial_m)
-                diversity = diversity + spatial_dice
-                if self.mass_beta > 0:
-                    floor = floor + mass_floor(spatial_m, self.mass_rho)
+                if not uniform:
+                    diversity = diversity + spatial_dice
+                    if self.mass_beta > 0:
+                        floor = floor + mass_floor(spatial_m, self.mass_rho)
                 stats["spatial_mask_mean"] = spatial_m.detach().mean()
                 stats["spatial_dice"] = spatial_dice.detach()
             losses["diversity"] = self.lam * diversity
-            if self.mass_beta > 0:
+            if self.mass_beta > 0 and not uniform:
                 losses["mass_floor"] = self.mass_beta * floor
 
         keep_errors = self.diagnostics
@@ -460,7 +488,9 @@ def level_stride(input_size: tuple[int, int], grid: tuple[int, int]) -> float:
 def box_cover(boxes_in_cells: list[Tensor], grid: tuple[int, int], device: torch.device,
               dtype: torch.dtype = torch.float32) -> Tensor:
     """``(B, H, W)`` 0/1: cell ``(i, j)`` is covered when it overlaps a box (boxes ``(N_b, 4)``
-    xyxy in cell units; cell ``j`` spans ``[j, j + 1)``), as FGD's floor/ceil foreground rule.
+    xyxy in cell units; cell ``j`` spans ``[j, j + 1)``): columns ``floor(x1) .. ceil(x2) - 1``, rows
+    likewise, i.e. the cells a box truly overlaps. (FGD's foreground rule, :func:`acamkd.methods.fgd.fgd_masks`,
+    includes ``ceil(x2)`` too, one cell more; this is only the diagnostics' box-mass share.)
     One ``(H, N_b) @ (N_b, W)`` matmul per image, no host sync."""
     H, W = grid
     rows = torch.arange(H, device=device, dtype=dtype)

@@ -50,6 +50,8 @@ def _resize_and_project(level: ACAMLevel, teacher_feat: Tensor, student_feat: Te
     aligned = level.align(student_feat)  # F_S' (B, C, H, W)
     if level.feature_norm == "standardise":  # instance norm without affine: per image, per channel
         teacher_feat, aligned = _instance_standardise(teacher_feat), _instance_standardise(aligned)
+    if level.mask_source != "cooperative":  # no STCA-FF: masks from F_T alone, or no masks at all
+        return teacher_feat, aligned, None, None, None
     # fusion_student_grad=False: STCA-FF reads a constant copy of F_S'.
     fusion_student = aligned if level.fusion_student_grad else aligned.detach()
     if level.query == "teacher":
@@ -70,7 +72,7 @@ def _reversed(x: Tensor) -> Tensor:
 def _gain(level: ACAMLevel) -> float:
     """Partition masks start at 1/M, sigmoid masks at 1/2; a mass-normalised loss is linear in a
     constant mask, an energy-normalised one does not depend on it: gain M/2 resp. 1."""
-    if level.mask_activation != "partition":
+    if level.mask_activation != "partition" or level.mask_source == "uniform":
         return 1.0
     return level.num_masks / 2 if level.mask_norm == "mass" else 1.0
 
@@ -80,18 +82,20 @@ def acam_level_plain(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tenso
     B, C, H, W = teacher_feat.shape
     N, M = H * W, level.num_masks
     teacher_feat, aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
-    c_q = Q.shape[1]
+    uniform = level.mask_source == "uniform"
 
     # STCA-FF: A = softmax_j(Q_i . K_j / sqrt(C/2)); F_fused[:, i] = sum_j A[i, j] V[:, j]
+    # (mask_source "teacher" / "uniform": the teacher feature itself)
     fused_images = []
-    for b in range(B):
+    for b in range(B if Q is not None else 0):
+        c_q = Q.shape[1]
         q = Q[b].reshape(c_q, N)
         k = K[b].reshape(c_q, N)
         v = V[b].reshape(C, N)
         logits = q.t() @ k / math.sqrt(c_q)  # (N, N): row i = query position
         A = torch.softmax(logits, dim=1)  # softmax over student positions j
         fused_images.append(v @ A.t())  # (C, N)
-    fused = torch.stack(fused_images)  # (B, C, N)
+    fused = torch.stack(fused_images) if Q is not None else teacher_feat.reshape(B, C, N)  # (B, C, N)
 
     # ASCM
     pooled = fused.mean(dim=2)  # v: (B, C)
@@ -102,6 +106,11 @@ def acam_level_plain(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tenso
         return e / e.sum(dim=0, keepdim=True)
 
     channel_m = spatial_m = None
+    if uniform:  # every mask is 1
+        if level.masks in ("both", "channel"):
+            channel_m = torch.ones(B, M, C, dtype=fused.dtype, device=fused.device)
+        if level.masks in ("both", "spatial"):
+            spatial_m = torch.ones(B, M, N, dtype=fused.dtype, device=fused.device)
     if level.channel_units is not None:
         units = level.channel_units
         rows = []
@@ -187,14 +196,16 @@ def acam_level_plain(level: ACAMLevel, teacher_feat: Tensor, student_feat: Tenso
     floor = fused.new_zeros(())
     if channel_m is not None:
         losses["channel"] = masked_loss(channel_m, channel_family=True)
-        diversity = diversity + dice_mean(channel_m)
-        floor = floor + floor_of(channel_m)
+        if not uniform:  # constant masks: no Dice term, no floor
+            diversity = diversity + dice_mean(channel_m)
+            floor = floor + floor_of(channel_m)
     if spatial_m is not None:
         losses["spatial"] = masked_loss(spatial_m, channel_family=False)
-        diversity = diversity + dice_mean(spatial_m)
-        floor = floor + floor_of(spatial_m)
+        if not uniform:
+            diversity = diversity + dice_mean(spatial_m)
+            floor = floor + floor_of(spatial_m)
     losses["diversity"] = level.lam * diversity
-    if level.mass_beta > 0:
+    if level.mass_beta > 0 and not uniform:
         losses["mass_floor"] = level.mass_beta * floor
 
     return ACAMLevelOutput(
@@ -211,12 +222,16 @@ def acam_level_vectorised(level: ACAMLevel, teacher_feat: Tensor, student_feat: 
     B, C, H, W = teacher_feat.shape
     N = H * W
     teacher_feat, aligned, Q, K, V = _resize_and_project(level, teacher_feat, student_feat)
-    c_q = Q.shape[1]
-    q = Q.flatten(2).transpose(1, 2)  # (B, N, C/2)
-    k = K.flatten(2)  # (B, C/2, N)
-    v = V.flatten(2).transpose(1, 2)  # (B, N, C)
-    attention = torch.softmax(torch.bmm(q, k) / math.sqrt(c_q), dim=-1)  # (B, N, N)
-    fused = torch.bmm(attention, v).transpose(1, 2)  # (B, C, N)
+    uniform = level.mask_source == "uniform"
+    if Q is not None:
+        c_q = Q.shape[1]
+        q = Q.flatten(2).transpose(1, 2)  # (B, N, C/2)
+        k = K.flatten(2)  # (B, C/2, N)
+        v = V.flatten(2).transpose(1, 2)  # (B, N, C)
+        attention = torch.softmax(torch.bmm(q, k) / math.sqrt(c_q), dim=-1)  # (B, N, N)
+        fused = torch.bmm(attention, v).transpose(1, 2)  # (B, C, N)
+    else:  # mask_source "teacher" / "uniform": the teacher feature itself
+        fused = teacher_feat.flatten(2)  # (B, C, N)
 
     D = (teacher_feat - aligned).flatten(2)  # (B, C, N)
     losses = {}
@@ -270,6 +285,13 @@ def acam_level_vectorised(level: ACAMLevel, teacher_feat: Tensor, student_feat: 
     def floor_of(masks: Tensor) -> Tensor:
         return (level.mass_rho - masks.mean(-1)).clamp_min(0).pow(2).sum(1).mean()
 
+    M = level.num_masks
+    if uniform and level.masks in ("both", "channel"):
+        channel_m = fused.new_ones(B, M, C)
+        losses["channel"] = masked_loss(channel_m, channel_broadcast)
+    if uniform and level.masks in ("both", "spatial"):
+        spatial_m = fused.new_ones(B, M, N)
+        losses["spatial"] = masked_loss(spatial_m, spatial_broadcast)
     if level.channel_units is not None:
         pooled = fused.mean(-1)  # (B, C)
         units = level.channel_units
@@ -291,7 +313,7 @@ def acam_level_vectorised(level: ACAMLevel, teacher_feat: Tensor, student_feat: 
         diversity = diversity + pair_dice(spatial_m)
         floor = floor + floor_of(spatial_m)
     losses["diversity"] = level.lam * diversity
-    if level.mass_beta > 0:
+    if level.mass_beta > 0 and not uniform:
         losses["mass_floor"] = level.mass_beta * floor
 
     return ACAMLevelOutput(

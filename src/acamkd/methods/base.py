@@ -110,6 +110,12 @@ class MethodOptions:
 
     check_finite: bool = True  # check every input for NaN/inf (one host sync per call)
 
+    #: Per-task defaults that replace the field defaults when a config for that task leaves the
+    #: option unset, e.g. CWD ``{"segmentation": {"weight": 5.0}}`` (MMRazor's logits config).
+    #: Applied by :mod:`acamkd.config` (the resolved ``config.yaml`` records the value and says
+    #: where it came from); building a method directly in Python uses the field defaults.
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -17,12 +17,13 @@ connector). When the grids differ the student is first resized to the teacher's 
 
 The published constants are in :data:`PUBLISHED_CONSTANTS` and ``docs/methods.md`` ("CWD"): the
 defaults are the detection (FPN) ones, ``tau = 1``, ``w = 10``; the segmentation-logits config
-uses ``w = 5`` (set ``method.options.weight=5``).
+uses ``w = 5``, which a segmentation config gets by default (``CWDOptions.task_defaults``; building
+the method directly in Python keeps ``w = 10`` unless given).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,10 @@ class CWDOptions(MethodOptions):
     """
 
     tau: float = 1.0  # softmax temperature over positions (> 0); MMRazor configs: 1 (detection and segmentation)
-    weight: float = 10.0  # w (>= 0): MMRazor FPN configs 10; segmentation-logits config 5
+    weight: float = 10.0  # w (>= 0): MMRazor FPN configs 10; segmentation-logits config 5 (task_defaults)
+
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "segmentation": {"weight": PUBLISHED_CONSTANTS["segmentation_logits"]["weight"]}}
 
     def validate(self) -> None:
         super().validate()

@@ -213,7 +213,7 @@ def fgd_masks(boxes: list[Tensor], grid: tuple[int, int], dtype: torch.dtype = t
     return fg, bg
 
 
-@register("fgd", options=FGDOptions)
+@register("fgd", options=FGDOptions, tasks=("detection",))
 class FGD(LevelwiseMethod):
     """Focal and global distillation over several tapped FPN levels (detection only: the masks come
     from the ground-truth boxes).

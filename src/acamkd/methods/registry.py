@@ -16,25 +16,38 @@ from typing import Any
 
 from acamkd.methods.base import DistillMethod, MethodOptions, resolve_options
 
-__all__ = ["available", "build", "get_method_class", "list_methods", "options_class", "parse_options", "register"]
+__all__ = [
+    "ALL_TASKS", "available", "build", "get_method_class", "list_methods", "method_tasks", "options_class",
+    "parse_options", "register",
+]
+
+#: The tasks a method applies to unless it says otherwise (``register(..., tasks=...)``).
+ALL_TASKS: tuple[str, ...] = ("detection", "segmentation")
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
 _OPTIONS: dict[str, type[MethodOptions]] = {}
+_TASKS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, options: type[MethodOptions] | None = None) -> Callable[[type], type]:
+def register(name: str, options: type[MethodOptions] | None = None,
+             tasks: tuple[str, ...] = ALL_TASKS) -> Callable[[type], type]:
     """Class decorator: make a method constructible by ``build(name, ...)`` with the options
     dataclass ``options`` (a :class:`~acamkd.methods.base.MethodOptions` subclass; default: the
     class's ``options_class``, else :class:`MethodOptions`, which holds only ``check_finite``).
-    Sets ``cls.options_class``.
+    ``tasks`` are the tasks it applies to (FGD: detection only, its masks come from boxes); a
+    config that names it for another task is refused when it is loaded. Sets ``cls.options_class``
+    and ``cls.tasks``.
 
     Raises:
-        ValueError: ``name`` is taken.
+        ValueError: ``name`` is taken, or ``tasks`` is empty or names an unknown task.
         TypeError: ``options`` is not a MethodOptions subclass, or has a field whose type a config
             cannot check (see :func:`acamkd.config.check_schema`).
     """
     if options is not None and not (isinstance(options, type) and issubclass(options, MethodOptions)):
         raise TypeError(f"register({name!r}): options must be a MethodOptions dataclass subclass, got {options!r}")
+    tasks = tuple(tasks)
+    if not tasks or any(t not in ALL_TASKS for t in tasks):
+        raise ValueError(f"register({name!r}): tasks must be a non-empty subset of {ALL_TASKS}, got {tasks!r}")
     if options is not None:
         from acamkd.config import check_schema
 
@@ -45,8 +58,10 @@ def register(name: str, options: type[MethodOptions] | None = None) -> Callable[
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name]!r}")
         opts = options or getattr(cls, "options_class", None) or MethodOptions
         cls.options_class = opts
+        cls.tasks = tasks
         _REGISTRY[name] = cls
         _OPTIONS[name] = opts
+        _TASKS[name] = tasks
         return cls
 
     return decorator
@@ -77,6 +92,13 @@ def options_class(name: str) -> type[MethodOptions]:
     """The options dataclass of method ``name`` (KeyError as :func:`get_method_class`)."""
     get_method_class(name)
     return _OPTIONS[name]
+
+
+def method_tasks(name: str) -> tuple[str, ...]:
+    """The tasks method ``name`` applies to, e.g. ``("detection",)`` for FGD (KeyError as
+    :func:`get_method_class`)."""
+    get_method_class(name)
+    return _TASKS[name]
 
 
 def parse_options(name: str, mapping: Mapping[str, Any] | None = None) -> MethodOptions:
