@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     cost.build_parser(commands.add_parser("cost", help="measured cost of distilling and deploying a config's "
                                                        "models, one table", description=cost.__doc__.splitlines()[0]))
 
+    from acamkd.engine import maskd_tokens
+
+    maskd_tokens.build_parser(commands.add_parser(
+        "maskd-tokens", help="MasKD stage 1: learn the receptive tokens on the frozen teacher, write them to a file",
+        description=maskd_tokens.__doc__.splitlines()[0]))
+
     make_data = commands.add_parser(
         "make-data", help="write a built-in dataset to disk (COCO and Cityscapes layouts)",
         description="Write a built-in dataset. `acamkd make-data shapes --help` lists its options.")
@@ -185,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd import cost
 
         return _guarded("cost", lambda: cost.main(args=args))
+    if args.command == "maskd-tokens":
+        from acamkd.engine import maskd_tokens
+
+        return _guarded("maskd-tokens", lambda: maskd_tokens.main(args=args))
     if args.command == "make-data":
         from acamkd.data import synthetic
 

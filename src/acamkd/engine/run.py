@@ -157,6 +157,10 @@ def prepare(cfg: Config, mode: str, info: DistInfo | None = None, *, resume: boo
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's result
     task = build_task(cfg, info)
     train_set, val_set = task.datasets()
+    if mode == "distill":  # MasKD's token_file=auto: stage 1 into the run folder first (cached)
+        from acamkd.engine.maskd_tokens import resolve_token_file
+
+        cfg = resolve_token_file(cfg, task, train_set)
     models = build_models(cfg, task, mode, task.model_classes(train_set), sample=lambda: [train_set[0][0]])
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed, rank=info.rank,
                                world_size=info.world_size)

@@ -114,7 +114,8 @@ class TrainingStep:
         return {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
 
     def optimizer_step(self) -> None:
-        """Clip (after unscaling), step the optimizer and the scheduler, zero the gradients."""
+        """Clip (after unscaling), step the optimizer and the scheduler, zero the gradients; then
+        tell the method, if it has ``optimizer_stepped()`` (it counts optimizer steps)."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.grad_clip)
@@ -123,6 +124,9 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        stepped = getattr(self.trained.method, "optimizer_stepped", None)
+        if stepped is not None:  # a method that depends on the step count (MasKD's mask warm-up)
+            stepped()
 
     def __call__(self, micro_batches: Sequence[Any], accumulate: int | None = None) -> dict[str, Tensor]:
         """One optimizer step over ``micro_batches``; each loss is divided by ``accumulate``

@@ -21,9 +21,10 @@ from acamkd.methods.acam import ACAM, ACAMLevel, ACAMLevelOutput, ACAMOptions  #
 from acamkd.methods.mimic import Mimic, MimicOptions  # noqa: E402  (registers "mimic")
 from acamkd.methods.cwd import CWD, CWDOptions  # noqa: E402  (registers "cwd")
 from acamkd.methods.fgd import FGD, FGDOptions  # noqa: E402  (registers "fgd")
+from acamkd.methods.maskd import MasKD, MasKDOptions  # noqa: E402  (registers "maskd")
 
 __all__ = [
     "ACAM", "ACAMLevel", "ACAMLevelOutput", "ACAMOptions", "CWD", "CWDOptions", "DistillBatch", "DistillMethod",
-    "FGD", "FGDOptions", "LevelResult", "LevelwiseMethod", "MethodOptions", "OptionError", "available", "build",
-    "get_method_class", "list_methods", "method_tasks", "options_class", "parse_options", "register",
+    "FGD", "FGDOptions", "LevelResult", "LevelwiseMethod", "MasKD", "MasKDOptions", "MethodOptions", "OptionError",
+    "available", "build", "get_method_class", "list_methods", "method_tasks", "options_class", "parse_options", "register",
 ]
