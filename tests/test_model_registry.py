@@ -240,3 +240,16 @@ def test_builders_dispatch_through_the_registry():
     assert calls == [("tiny", 3, ["checkpoint", "max_size", "min_size", "pretrained"])]
     with pytest.raises(ValueError, match="supports backbones.*did you mean 'resnet18'"):
         build_segmenter("deeplabv3", "resnet1")
+
+
+@pytest.mark.parametrize("first", ["acamkd.models.reppoints", "acamkd.models.segmentation", "acamkd.models.registry"])
+def test_builtin_families_register_in_family_order_whichever_is_imported_first(first):
+    """A family registering itself must not load the others first (it once put RepPoints before
+    RetinaNet, whichever module was imported first changing list_models' order)."""
+    import subprocess
+    import sys
+
+    code = (f"import importlib; importlib.import_module({first!r}); "
+            "from acamkd.models.registry import list_models; print(','.join(list_models()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().split(",")[:4] == ["retinanet", "fasterrcnn", "fcos", "reppoints"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ __all__ = [
 
 TASKS: tuple[str, ...] = ("detection", "segmentation")  # the tasks the engine has adapters for
 # Modules that register the built-in families when imported (one line per family file).
-FAMILY_MODULES: tuple[str, ...] = ("acamkd.models.detection", "acamkd.models.segmentation")
+FAMILY_MODULES: tuple[str, ...] = ("acamkd.models.detection", "acamkd.models.segmentation", "acamkd.models.reppoints")
 
 
 def _no_eval_limits(model: Any, score_thresh: float, max_detections: int) -> None:
@@ -149,7 +150,11 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     calls this at import (see :data:`FAMILY_MODULES`)."""
     if not isinstance(spec, ModelSpec):
         raise ValueError(f"register_model expects a ModelSpec, got {type(spec).__name__}")
-    _load_families()
+    if sys._getframe(1).f_globals.get("__name__") not in FAMILY_MODULES:
+        # A user's model: the built-ins first, so a clash is caught here. A family registering
+        # itself does not load the others, so the built-ins register in FAMILY_MODULES order
+        # (list_models' order) whichever family is imported first.
+        _load_families()
     with _LOCK:
         if spec.name in _REGISTRY:
             raise ValueError(f"a model named {spec.name!r} is already registered "
