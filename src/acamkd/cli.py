@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "variants, seeds), one table",
                                              description=compare.__doc__.splitlines()[0]))
 
+    from acamkd import ablate
+
+    ablate.build_parser(commands.add_parser("ablate", help="ACAM-KD's ablation rows or sweeps on the compare "
+                                                           "runner, one table", description=ablate.__doc__.splitlines()[0]))
+
     from acamkd import cost
     from acamkd.viz import cli as viz_cli
 
@@ -123,7 +128,7 @@ def _resume_command() -> str:
 
 # Commands that run a set of training runs: the same command line continues them (finished runs
 # are reused, the interrupted one resumes from its last checkpoint); they take no --resume.
-_RUN_SET_COMMANDS = ("demo", "compare")
+_RUN_SET_COMMANDS = ("demo", "compare", "ablate")
 
 
 def _continue_hint(command: str) -> str:
@@ -183,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         from acamkd import compare
 
         return _guarded("compare", lambda: compare.main(args=args))
+    if args.command == "ablate":
+        from acamkd import ablate
+
+        return _guarded("ablate", lambda: ablate.main(args=args))
     if args.command == "viz":
         from acamkd.viz import cli as viz_cli
 

@@ -339,8 +339,6 @@ def plan(config: str, methods: Sequence[str] | str | None = None, variants: Sequ
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="acamkd compare", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="a distillation config (teacher + method), e.g. "
-                                       "configs/demo/shapes_det_acam.yaml")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated rows: {PLAIN} (no distillation) and registered methods; default "
                              f"{PLAIN},mimic,<CONFIG's method>")
@@ -348,13 +346,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="a variant row of method NAME, e.g. acam:mask_norm=energy (KEY: method.options.KEY, "
                              "or a full config key if it holds a dot; several in one quoted argument, "
                              "space-separated); repeatable")
+    return add_run_set_arguments(parser, "runs/compare/<config stem>")
+
+
+def add_run_set_arguments(parser: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
+    """The arguments every run set of this runner takes (``compare``, ``ablate``): CONFIG, seeds,
+    ``--report-only``, ``--out``, the teacher's, and overrides (also after the options)."""
+    parser.add_argument("config", help="a distillation config (teacher + method), e.g. "
+                                       "configs/demo/shapes_det_acam.yaml")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (train.seed); default 1")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the table of the runs already finished with this config "
                              "(each row's n says how many seeds it has; the header lists the runs not finished)")
     parser.add_argument("--out", default=None, help="runs go to OUT/<row>/seed<k>, the teacher to OUT/teacher/seed0, "
-                                                    "the table to OUT/results.{md,json}; default "
-                                                    "runs/compare/<config stem>")
+                                                    f"the table to OUT/results.{{md,json}}; default {default_out}")
     teacher = parser.add_mutually_exclusive_group()
     teacher.add_argument("--teacher-checkpoint", default=None, metavar="PATH",
                          help="use this trained teacher instead of training one")
