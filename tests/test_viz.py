@@ -99,6 +99,8 @@ def test_masks_are_found_by_name_and_shape():
 def test_a_method_without_masks_is_refused_by_name(capsys):
     assert probe_masks("mimic") == []
     assert {m.kind for m in probe_masks("acam", {"num_masks": 2})} == {"spatial", "channel"}
+    # FGD draws its own masks: the foreground and background masks from the boxes
+    assert {(m.name, m.kind) for m in probe_masks("fgd")} == {("mask_fg", "spatial"), ("mask_bg", "spatial")}
     with pytest.raises(NoMasksError, match=r"method 'mimic' has no masks to draw.*methods with masks: \[.*'acam'"):
         check_method_has_masks("mimic")
     from acamkd.cli import main
