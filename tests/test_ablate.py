@@ -65,3 +65,21 @@ def test_bad_with_options_are_refused(tmp_path, capsys, item, message):
     code = cli.main(["ablate", ACAM, "--out", str(tmp_path / "x"), "--with", item, *tiny(tmp_path)])
     assert code != 0
     assert message in capsys.readouterr().err
+
+
+def test_rows_skip_what_the_config_already_is_and_the_legend_says_so():
+    options = {**vars(ACAMOptions()), "masks": "spatial", "query": "student"}
+    rows = dict(ablate.ablation_rows("rows", options))
+    assert "acam:masks=spatial" not in rows and "acam:query=student" not in rows
+    assert "acam:masks=channel" in rows and rows["acam"].endswith("masks=spatial, query=student")
+
+
+def test_with_options_keep_their_quoting():
+    rows = dict(ablate.ablation_rows("rows", vars(ACAMOptions()), {"maskd": ["train.steps=[2, 3]"]}))
+    assert "maskd:'train.steps=[2, 3]'" in rows
+
+
+def test_a_config_with_another_mask_source_is_refused(tmp_path, capsys):
+    code = cli.main(["ablate", ACAM, "--out", str(tmp_path / "x"), "method.options.mask_source=teacher",
+                     *tiny(tmp_path)])
+    assert code != 0 and "mask_source='teacher'" in capsys.readouterr().err

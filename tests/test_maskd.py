@@ -479,3 +479,33 @@ def test_paper_config_loads():
     cfg = load_config(os.path.join(CONFIGS, "det", "retinanet_r101_r50_maskd.yaml"), [])
     assert cfg.method.name == "maskd" and cfg.method.options["weight"] == 7.0
     assert cfg.method.options["custom_mask_warmup"] == 7000 and cfg.train.lr == 0.02
+
+
+def test_auto_tokens_under_torchrun_are_refused_with_the_command_and_a_short_warmup_warns(tmp_path, caplog):
+    """Under torchrun ``token_file=auto`` never learns (the waiting ranks would outlast the NCCL
+    timeout): a missing file names the command to run first. A warm-up as long as the run warns."""
+    from types import SimpleNamespace
+
+    from acamkd.engine.distributed import DistInfo
+    from acamkd.engine.maskd_tokens import resolve_token_file
+
+    cfg = load_config(os.path.join(DEMO, "shapes_det_maskd.yaml"),
+                      [*tiny(tmp_path / "shapes", tmp_path / "run"), "train.steps=[2]"])
+    assert cfg.method.options["custom_mask_warmup"] == 25 and cfg.train.iterations == 3
+    task = SimpleNamespace(info=DistInfo(rank=1, world_size=2))
+    with caplog.at_level("WARNING", logger="acamkd"):
+        with pytest.raises(RuntimeError, match=r"does not run under torchrun.*acamkd maskd-tokens CONFIG .*--out "
+                                               + str(tmp_path / "run" / "maskd_tokens.safetensors")):
+            resolve_token_file(cfg, task, train_set=[None] * 4)
+    assert "custom_mask_warmup=25 >= the run's 3 optimizer steps" in caplog.text
+
+
+def test_damaged_token_file_metadata_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from acamkd.methods.maskd import TOKEN_FILE_FORMAT
+
+    path = tmp_path / "t.safetensors"
+    save_file({"p3.tokens": torch.zeros(2, 4)}, str(path), metadata={"format": TOKEN_FILE_FORMAT, "levels": "[p3"})
+    with pytest.raises(ValueError, match=r"method.options.token_file: .* damaged or missing metadata"):
+        load_token_file(str(path))

@@ -20,7 +20,9 @@ one table, mean ± std); this module only decides the rows, and adds a legend sa
 ``--with METHOD:key=value`` (repeatable) adds method options to every row of another method than
 CONFIG's, e.g. ``--with maskd:token_iterations=200`` (MasKD's stage 1 runs 2,000 iterations by
 default); CONFIG's own method takes its options as overrides (``method.options.num_masks=6``).
-Out: ``<out>/results.md`` and ``.json`` (compare's table, then the legend); default
+An ACAM-KD row equal to CONFIG's own options (e.g. ``masks=spatial`` in a spatial-only config) is
+the ``acam`` row, not run twice; a config with ``mask_source`` other than cooperative is refused.
+Out: compare's ``<out>/results.md`` (the table, then the legend) and ``results.json``; default
 ``runs/ablate/<config stem>-<set>``.
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _with_options(row: str, extra: Mapping[str, list[str]]) -> str:
     added = extra.get(name, [])
     if not added:
         return row
-    return f"{name}:{' '.join([*shlex.split(rest), *added])}"
+    return f"{name}:{shlex.join([*shlex.split(rest), *added])}"
 
 
 def ablation_rows(kind: str, acam_options: Mapping[str, Any],
@@ -80,7 +82,15 @@ def ablation_rows(kind: str, acam_options: Mapping[str, Any],
     name to ``key=value`` options added to its rows. Raises ValueError for an unknown ``kind``."""
     extra = extra or {}
     if kind == "rows":
-        return [(_with_options(row, extra), what) for row, what in ABLATION_ROWS]
+        rows = []
+        for row, what in ABLATION_ROWS:
+            key, _, value = row.partition(":")[2].partition("=")
+            if row.startswith(f"{ACAM}:") and str(acam_options[key]) == value:
+                continue  # CONFIG already has it: that is the acam row
+            if row == ACAM:
+                what += f"; masks={acam_options['masks']}, query={acam_options['query']}"
+            rows.append((_with_options(row, extra), what))
+        return rows
     if kind != "sweeps":
         raise ValueError(f"--set must be 'rows' or 'sweeps', got {kind!r}")
     rows = [(ACAM, "ACAM-KD with CONFIG's options: " + ", ".join(f"{k}={acam_options[k]}" for k in SWEEPS))]
@@ -110,8 +120,10 @@ def _parse_with(items: Sequence[str], own: str) -> dict[str, list[str]]:
         name, sep, rest = item.partition(":")
         if not sep or not rest.strip():
             raise ValueError(f"--with {item!r}: expected METHOD:key=value, e.g. --with maskd:token_iterations=200")
-        if name.strip() in (own, PLAIN):
-            raise ValueError(f"--with {item!r}: {name.strip()!r} rows take no --with options (CONFIG's own method takes "
+        if name.strip() == PLAIN:
+            raise ValueError(f"--with {item!r}: the {PLAIN!r} row has no method options")
+        if name.strip() == own:
+            raise ValueError(f"--with {item!r}: {own!r} rows take no --with options (CONFIG's own method takes "
                              f"its options as overrides, e.g. method.options.{rest.split('=')[0].strip()}=...)")
         parse_variant(item)  # checks the method name and each key=value
         extra.setdefault(name.strip(), []).extend(shlex.split(rest))
@@ -142,6 +154,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     if cfg.method.name != ACAM:
         raise ValueError(f"acamkd ablate: {args.config} distils with {cfg.method.name!r}; the ablations are of "
                          f"ACAM-KD: give a config with method.name: {ACAM} (e.g. configs/demo/shapes_det_acam.yaml)")
+    if cfg.method.options["mask_source"] != "cooperative":
+        raise ValueError(f"acamkd ablate: {args.config} has method.options.mask_source="
+                         f"{cfg.method.options['mask_source']!r}; the rows ablate the cooperative masks: give "
+                         f"mask_source=cooperative (the teacher and uniform sources are rows of their own)")
     rows = ablation_rows(args.ablation_set, cfg.method.options, _parse_with(args.with_options, ACAM))
     methods = [row for row, _ in rows if ":" not in row]
     variants = [row for row, _ in rows if ":" in row]

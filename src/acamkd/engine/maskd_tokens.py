@@ -317,20 +317,41 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
     return summary
 
 
+def _warn_if_warmup_never_ends(cfg: Any, options: MasKDOptions, train_set: Any) -> None:
+    """Log a warning when ``custom_mask_warmup`` is at least the run's optimizer steps: the
+    student's masks would never join (the authors' warm-ups are 3-5% of their schedules)."""
+    if not options.custom_mask:
+        return
+    t = cfg.train
+    if t.iterations is not None:
+        total = t.iterations
+    elif t.epochs is not None:
+        per_epoch = max(1, len(train_set) // max(1, cfg.data.batch_size))
+        total = t.epochs * per_epoch  # one process's count: an upper bound under torchrun
+    else:
+        return
+    if options.custom_mask_warmup >= total:
+        logger.warning("maskd: custom_mask_warmup=%d >= the run's %d optimizer steps: the student's masks never "
+                       "join; scale it to the schedule (the authors': 7000 of ~176k steps, 4%%), e.g. "
+                       "method.options.custom_mask_warmup=%d", options.custom_mask_warmup, total,
+                       max(1, round(0.04 * total)))
+
+
 def resolve_token_file(cfg: Any, task: Any, train_set: Any) -> Any:
     """For ``method.name=maskd``: the config with ``method.options.token_file`` resolved.
 
     ``auto``: ``<train.output_dir>/maskd_tokens.safetensors``, learnt now by :func:`learn_tokens`
-    (on the main process; the others wait) unless a file there has the same :func:`stage1_key`
+    (a single process only: under torchrun a missing or stale file is a RuntimeError naming the
+    ``acamkd maskd-tokens`` command to run first) unless a file there has the same :func:`stage1_key`
     (same teacher file, data, seed and stage-1 options: resumed and repeated runs reuse it). A
     path: returned as it is, after checking the file exists. Other methods: ``cfg`` unchanged.
 
     Raises:
         FileNotFoundError: ``token_file`` names no file (the message names the option and the command).
+        RuntimeError: ``auto`` under torchrun without a matching file.
     """
     if cfg.method.name != "maskd":
         return cfg
-    from acamkd.engine.distributed import barrier
     from acamkd.engine.run import sha256_of
 
     options = maskd_options(cfg)
@@ -339,23 +360,30 @@ def resolve_token_file(cfg: Any, task: Any, train_set: Any) -> Any:
             load_token_file(options.token_file)  # raises the named FileNotFoundError
         return cfg
     path = os.path.join(cfg.train.output_dir, TOKEN_FILE_NAME)
-    if task.info.is_main:
-        sha = sha256_of(cfg.teacher.checkpoint) if cfg.teacher and cfg.teacher.checkpoint and \
-            os.path.isfile(cfg.teacher.checkpoint) else None
-        key = stage1_key(cfg, options, sha)
-        cached = None
-        if os.path.isfile(path):
-            try:
-                cached = load_token_file(path)[1].get("key")
-            except (ValueError, KeyError, json.JSONDecodeError):
-                cached = None
-        if cached == key:
-            logger.info("maskd: reusing the stage-1 tokens in %s (same teacher, data and options)", path)
-        else:
-            if cached is not None:
-                logger.info("maskd: %s was learnt with another teacher, data or options: learning again", path)
-            learn_tokens(cfg, task, train_set, path, options)
-    barrier(task.info)
+    _warn_if_warmup_never_ends(cfg, options, train_set)
+    # Every rank reads the cache key itself (the run folder is shared): no rank waits at a barrier
+    # through stage 1, which would outlast the NCCL watchdog's timeout (10 minutes by default).
+    sha = sha256_of(cfg.teacher.checkpoint) if cfg.teacher and cfg.teacher.checkpoint and \
+        os.path.isfile(cfg.teacher.checkpoint) else None
+    key = stage1_key(cfg, options, sha)
+    cached = None
+    if os.path.isfile(path):
+        try:
+            cached = load_token_file(path)[1].get("key")
+        except (ValueError, KeyError, json.JSONDecodeError):
+            cached = None
+    if cached == key:
+        logger.info("maskd: reusing the stage-1 tokens in %s (same teacher, data and options)", path)
+    elif task.info.distributed:
+        raise RuntimeError(
+            f"method.options.token_file=auto: {path} is {'missing' if cached is None else 'from another teacher, data or options'}, "
+            f"and stage 1 does not run under torchrun (the other processes would wait past the collective "
+            f"timeout). Learn the tokens in one process first, then start torchrun again: "
+            f"acamkd maskd-tokens CONFIG [overrides] --out {path}")
+    else:
+        if cached is not None:
+            logger.info("maskd: %s was learnt with another teacher, data or options: learning again", path)
+        learn_tokens(cfg, task, train_set, path, options)
     method = dataclasses.replace(cfg.method, options={**cfg.method.options, "token_file": path})
     return dataclasses.replace(cfg, method=method)
 
@@ -364,7 +392,8 @@ def resolve_token_file(cfg: Any, task: Any, train_set: Any) -> Any:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="acamkd maskd-tokens", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config with the teacher (teacher.checkpoint) and the data; "
-                                       "method.options of maskd if method.name=maskd")
+                                       "method.options of maskd if method.name=maskd (for another method's "
+                                       "config add method.name=maskd 'method.options={}' before maskd options)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.options.token_iterations=500")
     parser.add_argument("--out", default=None,
                         help=f"output .safetensors file (default: <train.output_dir>/{TOKEN_FILE_NAME})")

@@ -258,10 +258,14 @@ def load_token_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise ValueError(f"method.options.token_file: {path} is not a MasKD token file (metadata format "
                          f"{meta.get('format')!r}, expected {TOKEN_FILE_FORMAT!r}); write one with "
                          f"`acamkd maskd-tokens CONFIG --out {path}`")
-    for key in ("levels", "channels"):
-        meta[key] = json.loads(meta[key])
-    meta["num_tokens"] = int(meta["num_tokens"])
-    meta["weight_mask"] = meta["weight_mask"] == "true"
+    try:
+        for key in ("levels", "channels"):
+            meta[key] = json.loads(meta[key])
+        meta["num_tokens"] = int(meta["num_tokens"])
+        meta["weight_mask"] = meta["weight_mask"] == "true"
+    except (KeyError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"method.options.token_file: {path} has damaged or missing metadata ({type(err).__name__}: "
+                         f"{err}); write it again with `acamkd maskd-tokens CONFIG --out {path}`") from None
     return tensors, meta
 
 
