@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from acamkd.methods.base import (
     LevelResult,
     LevelwiseMethod,
-    level_key,
     MethodOptions,
     OptionError,
     check_choice,
@@ -42,6 +41,8 @@ from acamkd.methods.base import (
     check_finite,
     check_int,
     check_weight,
+    level_key,
+    upcast,
 )
 from acamkd.methods.registry import register
 from acamkd.ops.attention import cross_attention_tokens
@@ -205,11 +206,6 @@ class ACAMLevelOutput:
     stats: dict[str, Tensor] = field(default_factory=dict)
     channel_error: Tensor | None = None  # (B, C), detached; diagnostics only
     spatial_error: Tensor | None = None  # (B, H, W), detached; diagnostics only
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class ACAMLevel(nn.Module):
@@ -409,8 +405,8 @@ class ACAMLevel(nn.Module):
         device_type = teacher_feat.device.type
 
         with torch.autocast(device_type, enabled=False):
-            teacher_tokens = _upcast(teacher_feat).flatten(2).transpose(1, 2)  # (B, N, C) view
-            student_tokens = _upcast(student_feat).flatten(2).transpose(1, 2)  # (B, N, C_s) view
+            teacher_tokens = upcast(teacher_feat).flatten(2).transpose(1, 2)  # (B, N, C) view
+            student_tokens = upcast(student_feat).flatten(2).transpose(1, 2)  # (B, N, C_s) view
             aligned = F.linear(student_tokens, *self._linear(self.align))  # (B, N, C) fp32
             if self.feature_norm == "standardise":  # per image and channel, over the N positions
                 teacher_tokens, aligned = standardise(teacher_tokens, 1), standardise(aligned, 1)
@@ -430,7 +426,7 @@ class ACAMLevel(nn.Module):
         stats: dict[str, Tensor] = {}
         channel_m = spatial_m = channel_err = spatial_err = None
         with torch.autocast(device_type, enabled=False):
-            fused32 = _upcast(fused)
+            fused32 = upcast(fused)
             diversity = fused32.new_zeros(())
             floor = fused32.new_zeros(())
             uniform = self.mask_source == "uniform"
@@ -542,7 +538,7 @@ class _LevelHealth:
         self.mask_mean[family] = mean
 
     def observe_grad(self, grad: Tensor, window: int, fraction: float) -> None:
-        norm = torch.linalg.vector_norm(_upcast(grad.detach()))  # fp32 (fp64 stays fp64)
+        norm = torch.linalg.vector_norm(upcast(grad.detach()))  # fp32 (fp64 stays fp64)
         self.grad_norm = norm
         self.backwards += 1
         if self.grad_baseline is None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 __all__ = [
     "DistillMethod", "LevelResult", "LevelwiseMethod", "MethodOptions", "OptionError",
     "check_choice", "check_feature_pair", "check_finite", "check_int", "check_level_names", "check_weight",
-    "level_key", "resolve_options",
+    "level_key", "resolve_options", "upcast",
 ]
 
 
@@ -212,6 +212,12 @@ def check_finite(named: Mapping[str, Tensor]) -> None:
 def level_key(name: str) -> str:
     """The ``nn.ModuleDict`` key of a level: module names may not contain '.', so '.' -> '__'."""
     return name.replace(".", "__")
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64): every
+    method computes its losses in at least fp32 under autocast."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ------------------------------------------------------------------------------ per-level base

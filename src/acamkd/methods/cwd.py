@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, OptionError, check_weight
+from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, OptionError, check_weight, upcast
 from acamkd.methods.registry import register
 
 __all__ = ["CWD", "CWDLevel", "CWDOptions", "PUBLISHED_CONSTANTS", "cwd_level_loss"]
@@ -66,11 +66,6 @@ class CWDOptions(MethodOptions):
         check_weight("weight", self.weight)
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class CWDLevel(nn.Module):
     """One level's trainable part: ``align``, a 1x1 conv ``C_s -> C_t`` with bias when the channel
     counts differ, else ``None`` (no parameters)."""
@@ -96,13 +91,13 @@ def cwd_level_loss(align: nn.Conv2d | None, teacher_feat: Tensor, student_feat: 
         student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear",
                                      align_corners=False)
     with torch.autocast(teacher_feat.device.type, enabled=False):
-        student = _upcast(student_feat)
+        student = upcast(student_feat)
         if align is not None:
             weight, bias = align.weight, align.bias
             if weight.dtype != student.dtype:  # an fp32 conv on fp64 inputs (or the reverse)
                 weight, bias = weight.to(student.dtype), None if bias is None else bias.to(student.dtype)
             student = F.conv2d(student, weight, bias)  # (N, C_t, H, W)
-        teacher = _upcast(teacher_feat).to(student.dtype)
+        teacher = upcast(teacher_feat).to(student.dtype)
         N, C = teacher.shape[:2]
         logits_t = teacher.flatten(2) / tau  # (N, C, HW)
         logits_s = student.flatten(2) / tau
@@ -139,7 +134,7 @@ class CWD(LevelwiseMethod):
         loss, aligned = cwd_level_loss(level.align, teacher_feat, student_feat, tau)
         tensors: dict[str, Tensor] = {"aligned_student": aligned}
         if not torch.is_grad_enabled():  # inspect() (no grad): the distributions too; training skips them
-            teacher = _upcast(teacher_feat).to(aligned.dtype)
+            teacher = upcast(teacher_feat).to(aligned.dtype)
             tensors["teacher_distribution"] = F.softmax(teacher.flatten(2) / tau, dim=-1).view_as(aligned)
             tensors["student_distribution"] = F.softmax(aligned.flatten(2) / tau, dim=-1).view_as(aligned)
         return LevelResult(losses={"cwd": self.options.weight * loss}, stats={"cwd": loss.detach()},

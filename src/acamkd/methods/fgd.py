@@ -57,6 +57,7 @@ from acamkd.methods.base import (
     OptionError,
     check_choice,
     check_weight,
+    upcast,
 )
 from acamkd.methods.batch import DistillBatch
 from acamkd.methods.registry import register
@@ -104,11 +105,6 @@ class FGDOptions(MethodOptions):
         for name in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
             check_weight(name, getattr(self, name))
         check_choice("box_frame", self.box_frame, BOX_FRAMES)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _weights(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -269,10 +265,10 @@ class FGD(LevelwiseMethod):
                                          align_corners=False)
         opts = self.options
         with torch.autocast(teacher_feat.device.type, enabled=False):
-            student = _upcast(student_feat)
+            student = upcast(student_feat)
             if level.align is not None:
                 student = F.conv2d(student, *_weights(level.align, student.dtype))  # (N, C_t, H, W)
-            teacher = _upcast(teacher_feat).to(student.dtype)
+            teacher = upcast(teacher_feat).to(student.dtype)
             dt = student.dtype
             mask_fg, mask_bg = fgd_masks(boxes, (H, W), dt, teacher.device)
             spatial_t, channel_t = fgd_attention(teacher, opts.temp)

@@ -58,6 +58,7 @@ from acamkd.methods.base import (
     check_int,
     check_weight,
     level_key,
+    upcast,
 )
 from acamkd.methods.registry import register
 
@@ -148,11 +149,6 @@ class MasKDOptions(MethodOptions):
         check_weight("token_weight_decay", self.token_weight_decay)
         check_choice("token_schedule", self.token_schedule, TOKEN_SCHEDULES)
         check_weight("dice_weight", self.dice_weight)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _cast(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -405,11 +401,11 @@ class MasKD(LevelwiseMethod):
                                          align_corners=False)
         inspecting = not torch.is_grad_enabled()
         with torch.autocast(teacher_feat.device.type, enabled=False):
-            student = _upcast(student_feat)
+            student = upcast(student_feat)
             if level.align is not None:
                 student = F.conv2d(student, _cast(level.align.weight, student.dtype),
                                    _cast(level.align.bias, student.dtype))  # (N, C_t, H, W)
-            teacher = _upcast(teacher_feat).to(student.dtype)
+            teacher = upcast(teacher_feat).to(student.dtype)
             tokens: ReceptiveTokens = level.tokens
             on = self.student_masks_on()
             with torch.no_grad():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, check_choice, check_weight
+from acamkd.methods.base import LevelResult, LevelwiseMethod, MethodOptions, check_choice, check_weight, upcast
 from acamkd.methods.registry import register
 from acamkd.ops.normalise import FEATURE_NORMS, standardise
 
@@ -48,11 +48,6 @@ class MimicOptions(MethodOptions):
         check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (tests run the math in fp64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def mimic_level_loss(align: nn.Conv2d, teacher_feat: Tensor, student_feat: Tensor,
                      feature_norm: str = "none") -> tuple[Tensor, Tensor]:
     """The unweighted MSE of one level and the aligned student (standardised, with the teacher,
@@ -68,12 +63,12 @@ def mimic_level_loss(align: nn.Conv2d, teacher_feat: Tensor, student_feat: Tenso
         student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear",
                                      align_corners=False)
     with torch.autocast(teacher_feat.device.type, enabled=False):
-        student = _upcast(student_feat)
+        student = upcast(student_feat)
         weight, bias = align.weight, align.bias
         if weight.dtype != student.dtype:  # an fp32 conv on fp64 inputs (or the reverse): the inputs' precision
             weight, bias = weight.to(student.dtype), None if bias is None else bias.to(student.dtype)
         aligned = F.conv2d(student, weight, bias)  # (B, C_t, H, W)
-        teacher = _upcast(teacher_feat).to(aligned.dtype)
+        teacher = upcast(teacher_feat).to(aligned.dtype)
         if feature_norm == "standardise":
             teacher, aligned = standardise(teacher, (2, 3)), standardise(aligned, (2, 3))
         mse = (teacher - aligned).square().mean()
