@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torchvision
+from _detection_helpers import two_images_and_targets
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from acamkd.models import (
@@ -46,11 +47,7 @@ def build(arch: str, backbone: str = "resnet18", **kwargs):
 
 
 def images_and_targets():
-    images = [torch.rand(3, 96, 128), torch.rand(3, 90, 117)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([3])},
-               {"boxes": torch.tensor([[5.0, 20.0, 70.0, 80.0], [50.0, 5.0, 110.0, 40.0]]),
-                "labels": torch.tensor([1, 8])}]
-    return images, targets
+    return two_images_and_targets(second_labels=(1, 8))
 
 
 @pytest.mark.parametrize("arch", TORCHVISION_ARCHS)

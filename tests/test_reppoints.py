@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _cli_helpers import acamkd
+from _detection_helpers import two_images_and_targets
 from torchvision.ops import deform_conv2d
 
 from acamkd.data import CocoDetection
@@ -143,11 +144,7 @@ def test_max_iou_assigner_keeps_mmdets_min_pos_iou_zero_quirk():
 
 # ------------------------------------------------------------------------------ the model
 def _images_and_targets():
-    images = [torch.rand(3, 96, 128), torch.rand(3, 90, 117)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([3])},
-               {"boxes": torch.tensor([[5.0, 20.0, 70.0, 80.0], [50.0, 5.0, 110.0, 40.0]]),
-                "labels": torch.tensor([1, 2])}]
-    return images, targets
+    return two_images_and_targets(second_labels=(1, 2))
 
 
 def test_train_losses_eval_detections_and_taps():
