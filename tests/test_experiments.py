@@ -39,8 +39,8 @@ def fake_engine(monkeypatch):
         return {}
 
     monkeypatch.setattr(engine, "train", lambda cfg, resume=False: finish("train", cfg, resume))
-    monkeypatch.setattr(engine, "distill", lambda cfg, resume=False, eval_teacher=None:
-                        finish("distill", cfg, resume, eval_teacher=eval_teacher))
+    monkeypatch.setattr(engine, "distill", lambda cfg, resume=False, eval_teacher=None, **kw:
+                        finish("distill", cfg, resume, eval_teacher=eval_teacher, **kw))
     return calls
 
 
@@ -165,6 +165,26 @@ def test_the_old_demo_marker_counts_as_finished(tmp_path, fake_engine):
 
 
 # ------------------------------------------------------------------------------ dependencies
+
+
+def test_a_run_killed_in_maskd_stage1_starts_again_in_place_keeping_the_stage1_files(tmp_path, fake_engine):
+    runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher")),
+            Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"])]
+    run_all(runs)
+    folder = tmp_path / "acam"
+    marker = json.loads((folder / MARKER).read_text())
+    for stage1_file in ("maskd_tokens.safetensors.partial.pt", "maskd_tokens.safetensors"):
+        # killed in stage 1 (its checkpoint) or after it (its tokens), before stage 2's first checkpoint
+        (folder / MARKER).write_text(json.dumps({**marker, "status": "started"}))
+        for name in ("last.pt", "final_metrics.json"):
+            (folder / name).unlink()
+        (folder / stage1_file).write_bytes(b"kept")
+        fake_engine.clear()
+        [_, res] = run_all(runs)
+        assert fake_engine == [("distill", "acam", False, {"eval_teacher": False, "overwrite": True})]
+        assert res.status == "ran" and (folder / stage1_file).read_bytes() == b"kept"
+        assert not list(tmp_path.glob("acam.stale-*"))  # not moved aside: stage 1 resumes in place
+        (folder / stage1_file).unlink()
 
 
 def test_distillation_runs_after_its_teacher_and_follows_it(tmp_path, fake_engine):

@@ -131,10 +131,16 @@ def _resume_command() -> str:
 _RUN_SET_COMMANDS = ("demo", "compare", "ablate")
 
 
-def _continue_hint(command: str) -> str:
-    """How to continue after a stop signal: ``--resume`` for one run, the same command for a run set."""
+def _continue_hint(command: str, checkpoint: str = "") -> str:
+    """How to continue after a stop signal: ``--resume`` for one run, the same command for a run set
+    or for a stop in MasKD's stage 1 (its checkpoint ``<token file>.partial.pt``)."""
     import shlex
 
+    from acamkd.engine.maskd_tokens import PARTIAL_SUFFIX
+
+    if command not in _RUN_SET_COMMANDS and checkpoint.endswith(PARTIAL_SUFFIX):
+        again = " ".join(["acamkd", *map(shlex.quote, [a for a in sys.argv[1:] if a != "--resume"])])
+        return f"MasKD's stage 1 resumes from it when the same command runs again:\n  {again}"
     if command in _RUN_SET_COMMANDS:
         again = " ".join(["acamkd", *map(shlex.quote, sys.argv[1:])])
         return (f"Run the same command again: finished runs are reused and the interrupted one resumes "
@@ -151,7 +157,7 @@ def _guarded(command: str, job) -> int:
     try:
         return job()
     except TrainingInterrupted as stop:
-        print(f"acamkd {command}: {stop}. {_continue_hint(command)}", file=sys.stderr)
+        print(f"acamkd {command}: {stop}. {_continue_hint(command, stop.checkpoint)}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"acamkd {command}: interrupted before training started (nothing to save)", file=sys.stderr)

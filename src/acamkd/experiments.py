@@ -13,6 +13,9 @@ once the engine returns. On the next call, a folder whose marker has the same ``
 * finished, with its ``final_metrics.json``: skipped, its metrics read back;
 * not finished but holding ``last.pt`` (the run was killed mid-way): resumed with ``resume=True``
   (the engine resumes exactly);
+* not finished, no ``last.pt``, but holding MasKD's stage-1 tokens or stage-1 checkpoint (killed
+  in stage 1 or before stage 2's first checkpoint): started again in place with ``overwrite``
+  (stage 2's logs cleared), so stage 1 reuses its tokens or resumes from its checkpoint;
 
 any other non-empty folder (another config, a changed dependency, a run killed before its first
 checkpoint, files the runner did not write) is never reused nor mixed with the new run: it is
@@ -59,6 +62,8 @@ logger = logging.getLogger("acamkd")
 MARKER = "experiment.json"  # the runner's record of what a run folder holds
 _LEGACY_MARKER = "demo_config.json"  # written by the demo before this module: to_dict(cfg) of a finished run
 _LAST = "last.pt"  # acamkd.engine.checkpoint.LAST_NAME (not imported: that imports torch)
+# MasKD's stage 1 in the run folder (acamkd.engine.maskd_tokens: TOKEN_FILE_NAME, its PARTIAL_SUFFIX)
+_STAGE1_FILES = ("maskd_tokens.safetensors", "maskd_tokens.safetensors.partial.pt")
 STATUS_CACHED, STATUS_RAN, STATUS_RESUMED = "cached", "ran", "resumed"
 
 
@@ -162,7 +167,7 @@ def _differences(old: Any, new: Any, limit: int = 6) -> str:
 
 
 def _state(run: Run, key: str) -> tuple[str, str]:
-    """What the run folder holds: ("new"|"done"|"legacy"|"resume"|"stale", why)."""
+    """What the run folder holds: ("new"|"done"|"legacy"|"resume"|"stage1"|"stale", why)."""
     out = run.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return "new", ""
@@ -184,6 +189,8 @@ def _state(run: Run, key: str) -> tuple[str, str]:
         return "done", ""
     if (out / _LAST).is_file():
         return "resume", ""
+    if any((out / name).is_file() for name in _STAGE1_FILES):
+        return "stage1", ""  # killed in or after MasKD's stage 1, before the first checkpoint
     return "stale", "a run of this config stopped before its first checkpoint"
 
 
@@ -309,10 +316,14 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
                        r.id, out, why, moved)
     resume = state == "resume"
-    logger.info("run %s: %s in %s", r.id, f"resuming from {_LAST}" if resume else f"{r.kind}ing", out)
+    logger.info("run %s: %s in %s", r.id, f"resuming from {_LAST}" if resume else
+                "starting again from MasKD's stage 1 (its tokens or checkpoint kept)" if state == "stage1" else
+                f"{r.kind}ing", out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MARKER, _marker(r, key, need_keys, "started"))
-    if r.kind == "distill":
+    if state == "stage1":  # clear what stage 2 may have logged; the stage-1 files are not run files
+        engine.distill(r.cfg, resume=False, eval_teacher=False, overwrite=True)
+    elif r.kind == "distill":
         engine.distill(r.cfg, resume=resume, eval_teacher=False)
     else:
         engine.train(r.cfg, resume=resume)

@@ -21,7 +21,9 @@ What it does, after the authors' ``hunto/MasKD`` @ b5af34f, ``mmdetection/maskd_
 * only the tokens and branches train: Adam (lr 0.01, weight decay 1e-3) with a cosine decay to
   1e-6 over 2000 iterations by default (``method.options.token_*``; SGD momentum 0.9 and poly
   0.9 for the authors' segmentation and Faster R-CNN settings);
-* the file is written atomically (temporary file, fsync, rename).
+* the file is written atomically (temporary file, fsync, rename); meanwhile stage 1 is
+  kill-safe as training is: a checkpoint every ``token_checkpoint_every`` iterations and on
+  SIGINT/SIGTERM (``<file>.partial.pt``) from which a rerun resumes to the same tokens.
 
 Segmentation: the tap is the stride-8 logits (the ``classifier`` output), which is what the
 authors' segmentation code masks too (``outputs[0]`` of their models, 19 channels, before
@@ -47,12 +49,13 @@ from torch import Tensor, nn
 from acamkd.methods.base import level_key
 from acamkd.methods.maskd import AUTO, TOKEN_FILE_FORMAT, MasKDOptions, ReceptiveTokens, load_token_file, token_state
 
-__all__ = ["TOKEN_FILE_NAME", "MaskingHooks", "build_parser", "learn_tokens", "main", "maskd_options",
-           "resolve_token_file", "stage1_key", "token_lr_factor", "write_token_file"]
+__all__ = ["PARTIAL_SUFFIX", "TOKEN_FILE_NAME", "MaskingHooks", "build_parser", "learn_tokens", "main",
+           "maskd_options", "partial_path", "resolve_token_file", "stage1_key", "token_lr_factor", "write_token_file"]
 
 logger = logging.getLogger("acamkd")
 
 TOKEN_FILE_NAME = "maskd_tokens.safetensors"  # in train.output_dir for token_file=auto
+PARTIAL_SUFFIX = ".partial.pt"  # stage 1's resumable checkpoint: <token file>.partial.pt
 MIN_LR = 1e-6  # the authors' CosineAnnealing min_lr
 SGD_MOMENTUM = 0.9  # the authors' SGD settings (segmentation stage 1; mmdet's Faster R-CNN default)
 POLY_POWER = 0.9  # segmentation stage 1: lr = base (1 - it / max) ** 0.9
@@ -226,34 +229,56 @@ def _optimizer(params: list[nn.Parameter], options: MasKDOptions) -> torch.optim
     return torch.optim.Adam(params, lr=options.token_lr, weight_decay=options.token_weight_decay)
 
 
-def _batches(loader: Any, iterations: int):
-    """``iterations`` batches, cycling through ``loader``'s epochs."""
-    done = 0
-    while done < iterations:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-            done += 1
-            if done >= iterations:
-                return
-        if empty:
-            raise ValueError("maskd-tokens: the training set gives no batch (fewer images than data.batch_size?)")
+def partial_path(out: str) -> str:
+    """Where stage 1 keeps its resumable checkpoint while it learns the tokens for ``out``."""
+    return out + PARTIAL_SUFFIX
+
+
+def _read_partial(path: str, key: str) -> dict[str, Any] | None:
+    """The stage-1 checkpoint at ``path`` if it was written for ``key`` (same teacher, data, seed,
+    options), else None (a checkpoint of other settings is logged and will be overwritten)."""
+    from acamkd.engine.checkpoint import CheckpointCorrupted, load_checkpoint
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointCorrupted as err:
+        logger.warning("maskd-tokens: %s; learning from the start", err)
+        return None
+    if state.get("key") != key:
+        logger.info("maskd-tokens: %s was written for another teacher, data or options: learning from the start",
+                    path)
+        return None
+    return state
 
 
 def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOptions | None = None) -> dict[str, Any]:
     """Stage 1 (module docstring): learn the tokens of every teacher tap on ``train_set`` and write
     them to ``out``. Seeded by ``train.seed`` inside a forked RNG (the caller's RNG is untouched).
-    Returns a summary: ``out``, ``levels``, ``iterations``, the last ``task_loss`` and ``dice``, seconds.
+    Returns a summary: ``out``, ``levels``, ``iterations``, the last ``task_loss`` and ``dice``,
+    ``resumed_from`` (the iteration a checkpoint gave, 0 for a fresh start), seconds.
+
+    Kill-safe as training is: every ``token_checkpoint_every`` iterations, and when SIGINT or
+    SIGTERM arrives (at the next iteration boundary), the tokens, optimizer, schedule, RNG state and
+    data position are saved atomically to ``out + ".partial.pt"`` (:func:`partial_path`); a later
+    call with the same teacher file, data, seed and stage-1 options (:func:`stage1_key`) resumes
+    from there to the same tokens as an uninterrupted run (the data order is
+    :class:`~acamkd.engine.sampling.ResumableSampler`'s, the augmentation
+    :class:`~acamkd.engine.sampling.PerSampleSeed`'s). The checkpoint is removed once ``out`` is written.
 
     Raises:
         ValueError / FileNotFoundError: no ``teacher.checkpoint`` (or no file there); a non-finite
             loss (names the iteration); an empty training set.
-        OSError: ``out`` cannot be written.
+        TrainingInterrupted: a stop signal arrived; the checkpoint was saved first (names it).
+        OSError: ``out`` or the checkpoint cannot be written.
     """
     from torch.utils.data import DataLoader
 
+    from acamkd.engine.checkpoint import save_checkpoint
     from acamkd.engine.run import sha256_of
+    from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
+    from acamkd.engine.trainer import StopSignals, TrainingInterrupted
 
     options = options or maskd_options(cfg)
     teacher_cfg = cfg.teacher
@@ -263,6 +288,16 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
         raise FileNotFoundError(f"teacher.checkpoint: no file at {teacher_cfg.checkpoint}")
     device = task.info.device
     start = time.perf_counter()
+    teacher_sha = sha256_of(teacher_cfg.checkpoint)
+    key = stage1_key(cfg, options, teacher_sha)
+    partial, total, every = partial_path(out), options.token_iterations, options.token_checkpoint_every
+    batch_size = cfg.data.batch_size
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
+    per_epoch = len(sampler) // batch_size if task.drop_last else math.ceil(len(sampler) / batch_size)
+    if per_epoch < 1:
+        raise ValueError(f"maskd-tokens: the training set gives no batch ({len(train_set)} images, "
+                         f"data.batch_size={batch_size})")
+    dataset = PerSampleSeed(train_set, cfg.train.seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
         teacher = task.build_model(teacher_cfg, task.model_classes(train_set), "teacher")
@@ -275,43 +310,77 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
         optimizer = _optimizer(list(holder.parameters()), options)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: token_lr_factor(
             it, options.token_iterations, options.token_schedule, options.token_lr))
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, generator=generator,
-                            num_workers=cfg.data.workers, collate_fn=task.collate, drop_last=task.drop_last)
+        it = epoch = batches_done = 0  # iterations done; the epoch; its batches done
+        state = _read_partial(partial, key)
+        if state is not None:
+            holder.load_state_dict(state["tokens"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            it, epoch, batches_done = state["iteration"], state["epoch"], state["batches_done"]
+            logger.info("maskd-tokens: resuming from iteration %d/%d (%s)", it, total, partial)
+        resumed_from = it
+
+        def save() -> None:
+            save_checkpoint(partial, {"key": key, "iteration": it, "epoch": epoch, "batches_done": batches_done,
+                                      "tokens": holder.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                                      **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+                            keep_previous=False)
+
         recorder = task.make_taps(teacher, "teacher")
         log_every = max(1, int(getattr(cfg.train, "log_every", 0) or 50))
         task_loss = dice_total = torch.zeros(())
         try:
-            with MaskingHooks(teacher, taps, rename, tokens) as hooks:
-                for it, batch in enumerate(_batches(loader, options.token_iterations)):
-                    images, targets = task.to_device(batch, device)
-                    losses, _ = task.student_forward(teacher, recorder, images, targets)
-                    task_loss = sum(losses.values())
-                    dice_total = sum(hooks.take_dice().values())
-                    loss = task_loss + options.dice_weight * dice_total
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"maskd-tokens: non-finite loss at iteration {it}: task "
-                                         f"{float(task_loss)}, dice {float(dice_total)}; lower "
-                                         f"method.options.token_lr")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    task_loss, dice_total = task_loss.detach(), dice_total.detach()
-                    optimizer.step()
-                    scheduler.step()
-                    if it % log_every == 0 or it + 1 == options.token_iterations:
-                        logger.info("maskd-tokens %d/%d: task loss %.4f, dice %.4f, lr %.3g", it + 1,
-                                    options.token_iterations, float(task_loss), float(dice_total),
-                                    scheduler.get_last_lr()[0])
+            with MaskingHooks(teacher, taps, rename, tokens) as hooks, StopSignals() as stop:
+                while it < total:
+                    if batches_done >= per_epoch:
+                        epoch, batches_done = epoch + 1, 0
+                    sampler.set_epoch(epoch, start=batches_done * batch_size)
+                    dataset.set_epoch(epoch)
+                    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                        num_workers=cfg.data.workers, collate_fn=task.collate,
+                                        drop_last=task.drop_last)
+                    for batch in loader:
+                        images, targets = task.to_device(batch, device)
+                        losses, _ = task.student_forward(teacher, recorder, images, targets)
+                        task_loss = sum(losses.values())
+                        dice_total = sum(hooks.take_dice().values())
+                        loss = task_loss + options.dice_weight * dice_total
+                        if not torch.isfinite(loss):
+                            raise ValueError(f"maskd-tokens: non-finite loss at iteration {it}: task "
+                                             f"{float(task_loss)}, dice {float(dice_total)}; lower "
+                                             f"method.options.token_lr")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        task_loss, dice_total = task_loss.detach(), dice_total.detach()
+                        optimizer.step()
+                        scheduler.step()
+                        it, batches_done = it + 1, batches_done + 1
+                        if (it - 1) % log_every == 0 or it == total:
+                            logger.info("maskd-tokens %d/%d: task loss %.4f, dice %.4f, lr %.3g", it, total,
+                                        float(task_loss), float(dice_total), scheduler.get_last_lr()[0])
+                        if it < total and (stop.signum is not None or (every and it % every == 0)):
+                            save()
+                        if stop.signum is not None and it < total:
+                            raise TrainingInterrupted(stop.signum, it, partial)
+                        if it >= total:
+                            break
+                    else:
+                        batches_done = per_epoch  # the epoch ran out (a resumed epoch's rest included)
         finally:
             recorder.remove()
-    teacher_sha = sha256_of(teacher_cfg.checkpoint)
-    summary = {"out": out, "levels": list(tokens), "channels": channels, "iterations": options.token_iterations,
-               "task_loss": float(task_loss), "dice": float(dice_total),
+    summary = {"out": out, "levels": list(tokens), "channels": channels, "iterations": total,
+               "task_loss": float(task_loss), "dice": float(dice_total), "resumed_from": resumed_from,
                "seconds": round(time.perf_counter() - start, 3)}
     write_token_file(out, tokens, {
         "task": task.name, "teacher": f"{teacher_cfg.arch}/{teacher_cfg.backbone}", "teacher_sha256": teacher_sha,
-        "iterations": options.token_iterations, "key": stage1_key(cfg, options, teacher_sha),
+        "iterations": total, "key": key,
         "final": json.dumps({"task_loss": summary["task_loss"], "dice": summary["dice"]})})
+    if os.path.exists(partial):
+        os.unlink(partial)
     logger.info("maskd-tokens: wrote %s (%d levels, %d tokens each) in %.1f s", out, len(tokens),
                 options.num_tokens, summary["seconds"])
     return summary

@@ -43,11 +43,44 @@ from acamkd.engine.run_log import RunLog
 from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
 from acamkd.engine.step import NonFiniteLoss, TrainingStep
 
-__all__ = ["EpochPlan", "Trainer", "TrainingDiverged", "TrainingInterrupted", "plan_epochs"]
+__all__ = ["EpochPlan", "StopSignals", "Trainer", "TrainingDiverged", "TrainingInterrupted", "plan_epochs"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 logger = logging.getLogger("acamkd")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set :attr:`signum` while the context is active, for a loop to read at
+    its step boundaries (checkpoint, then stop); a second signal of the same kind acts as usual
+    (Ctrl-C twice stops at once). Installed from the main thread only (elsewhere a no-op);
+    leaving the context restores the previous handlers. ``announce``: log the first signal."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.signum == signum:  # the second time: the previous behaviour, now
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        if self.announce:
+            logger.warning("%s received: stopping after this step (checkpoint first); send it again to "
+                           "stop at once", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, old in self._previous.items():
+            signal.signal(signum, old)
+        self._previous.clear()
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,7 +152,7 @@ class Trainer:
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         self.step_seconds: list[float] = []  # wall time of each optimizer step of this process
-        self._stop_signal: int | None = None
+        self._stop = StopSignals(announce=info.is_main)
 
     @property
     def student(self):
@@ -237,7 +270,7 @@ class Trainer:
                          total=self.total_steps)
             reset_peak_memory(self.info.device)
             try:
-                with self._stop_signals():
+                with self._stop:
                     return self._loop(log)
             finally:
                 log.close()
@@ -245,41 +278,9 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
-    def _stop_signals(self):
-        """SIGINT and SIGTERM set a flag that the loop reads at step boundaries; a second one of the
-        same kind acts as usual (Ctrl-C twice stops at once). Main thread only."""
-        import contextlib
-
-        if threading.current_thread() is not threading.main_thread():
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def installed():
-            previous = {}
-
-            def handler(signum, _frame):
-                if self._stop_signal == signum:  # the second time: the previous behaviour, now
-                    signal.signal(signum, previous[signum])
-                    signal.raise_signal(signum)
-                    return
-                self._stop_signal = signum
-                if self.info.is_main:
-                    logger.warning("%s received: stopping after this step (checkpoint first); send it again to "
-                                   "stop at once", signal.Signals(signum).name)
-
-            for signum in STOP_SIGNALS:
-                previous[signum] = signal.signal(signum, handler)
-            try:
-                yield
-            finally:
-                for signum, old in previous.items():
-                    signal.signal(signum, old)
-
-        return installed()
-
     def _stop_requested(self) -> int | None:
         """The stop signal, agreed by every process (a collective when distributed)."""
-        signum = self._stop_signal or 0
+        signum = self._stop.signum or 0
         if self.info.distributed:
             flag = torch.tensor([float(signum)], device=self.info.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

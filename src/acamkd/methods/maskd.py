@@ -121,6 +121,7 @@ class MasKDOptions(MethodOptions):
     token_lr: float = 0.01  # stage 1 learning rate (Adam 0.01; SGD 0.1)
     token_weight_decay: float = 1e-3  # stage 1 weight decay (L2, as torch's Adam/SGD)
     token_schedule: Literal["cosine", "poly"] = "cosine"  # stage 1: cosine to 1e-6 (detection) | poly 0.9 (seg)
+    token_checkpoint_every: int = 100  # stage 1: iterations between resumable checkpoints (0: only on a stop signal)
     dice_weight: float = 1.0  # stage 1: weight of the Dice diversity loss (authors: 1, summed over levels)
 
     #: A segmentation config gets the authors' segmentation settings for every option it leaves unset
@@ -142,6 +143,7 @@ class MasKDOptions(MethodOptions):
             raise OptionError("token_file", f"must be 'auto' or the path of a file written by `acamkd maskd-tokens "
                                             f"CONFIG --out FILE`, got {self.token_file!r}")
         check_int("token_iterations", self.token_iterations, 1)
+        check_int("token_checkpoint_every", self.token_checkpoint_every, 0)
         check_choice("token_optimizer", self.token_optimizer, TOKEN_OPTIMIZERS)
         check_weight("token_lr", self.token_lr)
         if self.token_lr <= 0:
