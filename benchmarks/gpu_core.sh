@@ -29,6 +29,10 @@ D="python -m acamkd.cli bench distill --task seg --device cuda --image 512x1024 
 $D --arch deeplabv3 --student resnet18 > "$OUT/distill_seg_dlv3_r18_bf16.json" 2> "$OUT/distill_seg.err"
 $D --arch deeplabv3 --student mobilenet_v2 > "$OUT/distill_seg_dlv3_mbv2_bf16.json" 2>> "$OUT/distill_seg.err"
 $D --arch pspnet --student resnet18 > "$OUT/distill_seg_psp_r18_bf16.json" 2>> "$OUT/distill_seg.err"
+# 6. RepPoints (issue 14): RepPoints-R50 training step and its ACAM-KD distillation from RepPoints-R101,
+#    1333x800, batch 2, bf16 (images/s and peak memory of each)
+python -m acamkd.cli bench distill configs/det/reppoints_r101_r50_acam.yaml --device cuda --image 800x1333 --batch 2 \
+  --dtype bf16 --json > "$OUT/distill_reppoints_bf16.json" 2> "$OUT/distill_reppoints.err"
 python - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
