@@ -167,24 +167,54 @@ def test_the_old_demo_marker_counts_as_finished(tmp_path, fake_engine):
 # ------------------------------------------------------------------------------ dependencies
 
 
-def test_a_run_killed_in_maskd_stage1_starts_again_in_place_keeping_the_stage1_files(tmp_path, fake_engine):
+def test_a_maskd_run_killed_in_stage1_starts_again_in_place_keeping_only_the_stage1_files(tmp_path, fake_engine):
+    maskd = load_config(f"{DEMO}/shapes_det_maskd.yaml", [
+        *SMOKE, f"data.root={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'maskd'}",
+        f"teacher.checkpoint={tmp_path / 'teacher' / 'last.pt'}"])
     runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher")),
-            Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"])]
+            Run("maskd", "distill", maskd, needs=["teacher"])]
     run_all(runs)
-    folder = tmp_path / "acam"
+    folder = tmp_path / "maskd"
     marker = json.loads((folder / MARKER).read_text())
     for stage1_file in ("maskd_tokens.safetensors.partial.pt", "maskd_tokens.safetensors"):
         # killed in stage 1 (its checkpoint) or after it (its tokens), before stage 2's first checkpoint
         (folder / MARKER).write_text(json.dumps({**marker, "status": "started"}))
         for name in ("last.pt", "final_metrics.json"):
             (folder / name).unlink()
+        (folder / "metrics.jsonl").write_text('{"step": 1}\n')  # stage 2 logged before the kill
         (folder / stage1_file).write_bytes(b"kept")
         fake_engine.clear()
         [_, res] = run_all(runs)
-        assert fake_engine == [("distill", "acam", False, {"eval_teacher": False, "overwrite": True})]
+        assert fake_engine == [("distill", "maskd", False, {"eval_teacher": False})]
         assert res.status == "ran" and (folder / stage1_file).read_bytes() == b"kept"
-        assert not list(tmp_path.glob("acam.stale-*"))  # not moved aside: stage 1 resumes in place
+        assert not (folder / "metrics.jsonl").exists()  # stage 2's log removed before starting again
+        assert not list(tmp_path.glob("maskd.stale-*"))  # not moved aside: stage 1 resumes in place
         (folder / stage1_file).unlink()
+
+
+def test_a_stage1_file_in_another_methods_folder_does_not_keep_a_killed_run(tmp_path, fake_engine):
+    runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher")),
+            Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"])]
+    run_all(runs)
+    folder = tmp_path / "acam"
+    marker = json.loads((folder / MARKER).read_text())
+    (folder / MARKER).write_text(json.dumps({**marker, "status": "started"}))
+    (folder / "last.pt").unlink()
+    (folder / "maskd_tokens.safetensors").write_bytes(b"from `acamkd maskd-tokens` without --out")
+    run_all(runs)
+    assert (tmp_path / "acam.stale-1" / "maskd_tokens.safetensors").exists()  # moved aside, as any such run
+
+
+def test_a_run_killed_between_a_checkpoints_two_renames_resumes_from_prev(tmp_path, fake_engine):
+    cfg = smoke(tmp_path)
+    run_all([Run("student", "train", cfg)])
+    marker = json.loads((tmp_path / "student" / MARKER).read_text())
+    (tmp_path / "student" / MARKER).write_text(json.dumps({**marker, "status": "started"}))
+    (tmp_path / "student" / "final_metrics.json").unlink()
+    os.replace(tmp_path / "student" / "last.pt", tmp_path / "student" / "prev.pt")  # only prev.pt is whole
+    [res] = run_all([Run("student", "train", cfg)])
+    assert fake_engine[-1][:3] == ("train", "student", True) and res.status == "resumed"
+    assert not list(tmp_path.glob("student.stale-*"))
 
 
 def test_distillation_runs_after_its_teacher_and_follows_it(tmp_path, fake_engine):

@@ -219,6 +219,35 @@ def test_level_loss_equals_the_reference_on_its_own():
         torch.testing.assert_close(maskd_level_loss(masks, w, s, t, 1e-5), reference_maskd_loss(masks, w, s, t, 1e-5))
 
 
+def test_a_mask_saturated_to_zero_gives_zero_loss_not_nan():
+    """Large raw features saturate a token's sigmoid to exactly 0 at every position (the built-in
+    study's scratch teacher: P7 at rms ~800); the authors' 0/0 would be NaN, ours is 0 for that token."""
+    gen = torch.Generator().manual_seed(6)
+    masks = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    masks[:, 1] = 0.0  # token 1 selects nothing in either image
+    weights = torch.rand(2, 3, generator=gen, dtype=torch.float64).softmax(1)
+    s = torch.randn(2, 7, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 7, 4, 5, generator=gen, dtype=torch.float64)
+    for w in (weights, None):
+        loss = maskd_level_loss(masks, w, s, t)
+        torch.testing.assert_close(loss, reference_maskd_loss(masks, w, s, t))
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        keep = [0, 2]  # the same as the loss over the other tokens with token 1's term set to 0
+        per_token = [maskd_level_loss(masks[:, i:i + 1], None, s, t) for i in keep]
+        if w is None:
+            torch.testing.assert_close(loss, sum(per_token) / 3)
+    # through sigmoid: a token whose logits are all below -100 in fp32 gives exactly 0 masks
+    tokens = ReceptiveTokens(4, 2, weight_mask=False)
+    with torch.no_grad():
+        tokens.tokens.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+    feat = torch.zeros(1, 4, 3, 3)
+    feat[:, 0] = 800.0
+    masks = tokens.masks(feat)
+    assert masks[0, 1].eq(0).all()
+    assert torch.isfinite(maskd_level_loss(masks, None, torch.randn(1, 4, 3, 3), feat))
+
+
 def test_student_is_resized_to_the_teacher_grid_and_fp32_under_half_inputs():
     method = build("maskd", teacher_channels={"p3": 8}, student_channels={"p3": 4})
     teacher = torch.randn(2, 8, 6, 5)

@@ -19,13 +19,22 @@ from test_maskd import DEMO, _random_teacher, tiny
 ITERATIONS = 5  # 4 images, batch 2: two batches an epoch, so the run crosses two epoch boundaries
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    """(cfg, task, train_set, uninterrupted tokens) for a tiny detection teacher."""
+TASKS = {  # detection: RetinaNet (no randomness in its forward); segmentation: DeepLabV3, whose
+    # Dropout2d draws from the CPU generator in stage 1's training mode, with 5 images (the last
+    # batch of an epoch is dropped there, kept in detection)
+    "det": ("shapes_det_maskd.yaml", ["teacher.backbone=resnet18", "train.steps=[2]"]),
+    "seg": ("shapes_seg_maskd.yaml", ["data.crop=[48,64]", "data.shapes.train=5"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TASKS))
+def stage1(request, tmp_path_factory):
+    """(cfg, task, train_set, uninterrupted tokens) for a tiny teacher of each task."""
     tmp = tmp_path_factory.mktemp("stage1")
     teacher = tmp / "teacher.pt"
-    cfg = load_config(os.path.join(DEMO, "shapes_det_maskd.yaml"), [
-        *tiny(tmp / "shapes", tmp / "run"), "teacher.backbone=resnet18", "train.steps=[2]", f"teacher.checkpoint={teacher}",
+    config, extra = TASKS[request.param]
+    cfg = load_config(os.path.join(DEMO, config), [
+        *tiny(tmp / "shapes", tmp / "run"), *extra, f"teacher.checkpoint={teacher}",
         f"method.options.token_iterations={ITERATIONS}", "method.options.token_checkpoint_every=2"])
     _random_teacher(cfg, teacher)
     task = build_task(cfg, DistInfo())
@@ -97,13 +106,36 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(stage1, tmp_path):
     assert learn_tokens(other, task, train_set, out)["resumed_from"] == 0
 
 
-def test_the_continue_hint_of_a_stage1_stop_is_the_same_command_without_resume(monkeypatch):
+def test_the_continue_hint_of_a_stage1_stop_is_the_same_command(monkeypatch, tmp_path):
     from acamkd import cli
 
     monkeypatch.setattr("sys.argv", ["acamkd", "distill", "c.yaml", "--resume", "train.seed=1"])
-    hint = cli._continue_hint("distill", "/runs/x/maskd_tokens.safetensors" + PARTIAL_SUFFIX)
-    assert "stage 1 resumes" in hint and hint.endswith("acamkd distill c.yaml train.seed=1")
-    assert "--resume" in cli._continue_hint("distill", "/runs/x/last.pt")
+    partial = str(tmp_path / ("maskd_tokens.safetensors" + PARTIAL_SUFFIX))
+    hint = cli._continue_hint("distill", partial)
+    assert "stage 1 continues" in hint and hint.endswith("acamkd distill c.yaml train.seed=1")  # no checkpoint yet
+    (tmp_path / "last.pt").write_bytes(b"")  # stage 1 rerun inside a resumed run: keep --resume
+    assert cli._continue_hint("distill", partial).endswith("acamkd distill c.yaml --resume train.seed=1")
+    assert "Resume with" in cli._continue_hint("distill", str(tmp_path / "last.pt"))
+
+
+def test_a_stop_signal_in_the_last_iteration_writes_the_tokens_then_stops_distill(stage1, tmp_path, monkeypatch):
+    from acamkd.engine import maskd_tokens
+
+    cfg, task, train_set, expected = stage1
+    out = str(tmp_path / "tokens.safetensors")
+    failing = FailingTask(task, ITERATIONS, lambda: signal.raise_signal(signal.SIGTERM))
+    summary = learn_tokens(cfg, failing, train_set, out)
+    assert summary["stop_signal"] == signal.SIGTERM and not os.path.exists(out + PARTIAL_SUFFIX)
+    for name, value in load_token_file(out)[0].items():
+        assert torch.equal(value, expected[name]), name
+    # inside distill (resolve_token_file), the signal stops the run before stage 2
+    monkeypatch.setattr(maskd_tokens, "learn_tokens", lambda *a, **k: {"stop_signal": signal.SIGTERM})
+    import dataclasses
+
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(tmp_path / "run")))
+    with pytest.raises(TrainingInterrupted) as stop:
+        maskd_tokens.resolve_token_file(run_cfg, task, train_set)
+    assert stop.value.checkpoint == str(tmp_path / "run" / maskd_tokens.TOKEN_FILE_NAME)
 
 
 def test_the_checkpoint_cadence_is_a_checked_option():

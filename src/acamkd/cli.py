@@ -133,14 +133,18 @@ _RUN_SET_COMMANDS = ("demo", "compare", "ablate")
 
 def _continue_hint(command: str, checkpoint: str = "") -> str:
     """How to continue after a stop signal: ``--resume`` for one run, the same command for a run set
-    or for a stop in MasKD's stage 1 (its checkpoint ``<token file>.partial.pt``)."""
+    or for a stop in MasKD's stage 1 (``checkpoint``: its ``<token file>.partial.pt`` or tokens)."""
     import shlex
 
-    from acamkd.engine.maskd_tokens import PARTIAL_SUFFIX
+    from acamkd.engine.checkpoint import LAST_NAME, PREV_NAME
 
-    if command not in _RUN_SET_COMMANDS and checkpoint.endswith(PARTIAL_SUFFIX):
-        again = " ".join(["acamkd", *map(shlex.quote, [a for a in sys.argv[1:] if a != "--resume"])])
-        return f"MasKD's stage 1 resumes from it when the same command runs again:\n  {again}"
+    if command not in _RUN_SET_COMMANDS and checkpoint and os.path.basename(checkpoint) not in (LAST_NAME, PREV_NAME):
+        # MasKD's stage 1 (its checkpoint or its finished tokens): the same command continues it;
+        # --resume only where stage 2 has a checkpoint already
+        folder = os.path.dirname(checkpoint)
+        keep = any(os.path.isfile(os.path.join(folder, name)) for name in (LAST_NAME, PREV_NAME))
+        again = " ".join(["acamkd", *map(shlex.quote, [a for a in sys.argv[1:] if keep or a != "--resume"])])
+        return f"MasKD's stage 1 continues from it when the same command runs again:\n  {again}"
     if command in _RUN_SET_COMMANDS:
         again = " ".join(["acamkd", *map(shlex.quote, sys.argv[1:])])
         return (f"Run the same command again: finished runs are reused and the interrupted one resumes "

@@ -11,11 +11,13 @@ The cache is keyed by the resolved config. Before the engine starts, the runner 
 once the engine returns. On the next call, a folder whose marker has the same ``sha256``:
 
 * finished, with its ``final_metrics.json``: skipped, its metrics read back;
-* not finished but holding ``last.pt`` (the run was killed mid-way): resumed with ``resume=True``
-  (the engine resumes exactly);
-* not finished, no ``last.pt``, but holding MasKD's stage-1 tokens or stage-1 checkpoint (killed
-  in stage 1 or before stage 2's first checkpoint): started again in place with ``overwrite``
-  (stage 2's logs cleared), so stage 1 reuses its tokens or resumes from its checkpoint;
+* not finished but holding ``last.pt`` or ``prev.pt`` (killed mid-way, or between a checkpoint's
+  two renames): resumed with ``resume=True`` (the engine resumes exactly, from ``last.pt`` else
+  ``prev.pt``);
+* a MasKD distillation with ``token_file: auto``, not finished, no checkpoint, but holding its
+  stage-1 tokens or stage-1 checkpoint (killed in stage 1 or before stage 2's first checkpoint):
+  started again in place, stage 2's files (:data:`acamkd.engine.run_folder.RUN_FILES`) removed
+  first, so stage 1 reuses its tokens or resumes from its checkpoint;
 
 any other non-empty folder (another config, a changed dependency, a run killed before its first
 checkpoint, files the runner did not write) is never reused nor mixed with the new run: it is
@@ -64,6 +66,7 @@ _LEGACY_MARKER = "demo_config.json"  # written by the demo before this module: t
 _LAST = "last.pt"  # acamkd.engine.checkpoint.LAST_NAME (not imported: that imports torch)
 # MasKD's stage 1 in the run folder (acamkd.engine.maskd_tokens: TOKEN_FILE_NAME, its PARTIAL_SUFFIX)
 _STAGE1_FILES = ("maskd_tokens.safetensors", "maskd_tokens.safetensors.partial.pt")
+_PREV = "prev.pt"  # acamkd.engine.checkpoint.PREV_NAME: the whole checkpoint a kill between two renames leaves
 STATUS_CACHED, STATUS_RAN, STATUS_RESUMED = "cached", "ran", "resumed"
 
 
@@ -187,11 +190,18 @@ def _state(run: Run, key: str) -> tuple[str, str]:
         return "stale", why
     if marker.get("status") == "finished" and finished:
         return "done", ""
-    if (out / _LAST).is_file():
-        return "resume", ""
-    if any((out / name).is_file() for name in _STAGE1_FILES):
+    if (out / _LAST).is_file() or (out / _PREV).is_file():
+        return "resume", ""  # the engine resumes from last.pt, else prev.pt
+    if _learns_stage1(run) and any((out / name).is_file() for name in _STAGE1_FILES):
         return "stage1", ""  # killed in or after MasKD's stage 1, before the first checkpoint
     return "stale", "a run of this config stopped before its first checkpoint"
+
+
+def _learns_stage1(run: Run) -> bool:
+    """A MasKD distillation whose stage 1 runs in its own folder (``token_file: auto``)."""
+    method = run.cfg.method
+    return (run.kind == "distill" and method.name == "maskd"
+            and str((method.options or {}).get("token_file", "auto")) == "auto")
 
 
 def _move_aside(out: Path) -> Path:
@@ -322,8 +332,10 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MARKER, _marker(r, key, need_keys, "started"))
     if state == "stage1":  # clear what stage 2 may have logged; the stage-1 files are not run files
-        engine.distill(r.cfg, resume=False, eval_teacher=False, overwrite=True)
-    elif r.kind == "distill":
+        from acamkd.engine.run_folder import clear_run_files
+
+        clear_run_files(out)
+    if r.kind == "distill":
         engine.distill(r.cfg, resume=resume, eval_teacher=False)
     else:
         engine.train(r.cfg, resume=resume)

@@ -56,6 +56,8 @@ logger = logging.getLogger("acamkd")
 
 TOKEN_FILE_NAME = "maskd_tokens.safetensors"  # in train.output_dir for token_file=auto
 PARTIAL_SUFFIX = ".partial.pt"  # stage 1's resumable checkpoint: <token file>.partial.pt
+STAGE1_VERSION = 2  # in the key: 2 = the trainer's ResumableSampler order (1 drew the order from a seeded generator)
+_PARTIAL_KEYS = ("key", "iteration", "epoch", "batches_done", "tokens", "optimizer", "scheduler", "torch_rng")
 MIN_LR = 1e-6  # the authors' CosineAnnealing min_lr
 SGD_MOMENTUM = 0.9  # the authors' SGD settings (segmentation stage 1; mmdet's Faster R-CNN default)
 POLY_POWER = 0.9  # segmentation stage 1: lr = base (1 - it / max) ** 0.9
@@ -162,7 +164,7 @@ def stage1_key(cfg: Any, options: MasKDOptions, teacher_sha256: str | None) -> s
     data = dataclasses.asdict(cfg.data)
     for where in ("workers", "root", "img_dir", "ann_file"):  # where the same data lives: a resume may move it
         data.pop(where, None)
-    facts = {"teacher": [cfg.teacher.arch, cfg.teacher.backbone, teacher_sha256, cfg.teacher.taps],
+    facts = {"stage1": STAGE1_VERSION, "teacher": [cfg.teacher.arch, cfg.teacher.backbone, teacher_sha256, cfg.teacher.taps],
              "data": data, "seed": cfg.train.seed,
              "options": {k: getattr(options, k) for k in ("num_tokens", "weight_mask", "token_iterations",
                                                           "token_optimizer", "token_lr", "token_weight_decay",
@@ -243,8 +245,12 @@ def _read_partial(path: str, key: str) -> dict[str, Any] | None:
         return None
     try:
         state = load_checkpoint(path)
-    except CheckpointCorrupted as err:
+    except (CheckpointCorrupted, ValueError) as err:
         logger.warning("maskd-tokens: %s; learning from the start", err)
+        return None
+    missing = [k for k in _PARTIAL_KEYS if k not in state]
+    if missing:
+        logger.warning("maskd-tokens: %s lacks %s (not a stage-1 checkpoint?); learning from the start", path, missing)
         return None
     if state.get("key") != key:
         logger.info("maskd-tokens: %s was written for another teacher, data or options: learning from the start",
@@ -257,7 +263,8 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
     """Stage 1 (module docstring): learn the tokens of every teacher tap on ``train_set`` and write
     them to ``out``. Seeded by ``train.seed`` inside a forked RNG (the caller's RNG is untouched).
     Returns a summary: ``out``, ``levels``, ``iterations``, the last ``task_loss`` and ``dice``,
-    ``resumed_from`` (the iteration a checkpoint gave, 0 for a fresh start), seconds.
+    ``resumed_from`` (the iteration a checkpoint gave, 0 for a fresh start), seconds, and
+    ``stop_signal`` if a stop signal came during the last iteration (the tokens are written).
 
     Kill-safe as training is: every ``token_checkpoint_every`` iterations, and when SIGINT or
     SIGTERM arrives (at the next iteration boundary), the tokens, optimizer, schedule, RNG state and
@@ -278,7 +285,7 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
     from acamkd.engine.checkpoint import save_checkpoint
     from acamkd.engine.run import sha256_of
     from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
-    from acamkd.engine.trainer import StopSignals, TrainingInterrupted
+    from acamkd.engine.trainer import StopSignals, TrainingInterrupted, _ignore_stop_signals
 
     options = options or maskd_options(cfg)
     teacher_cfg = cfg.teacher
@@ -317,7 +324,7 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda":
+            if device.type == "cuda" and "cuda_rng" in state:  # absent if written on a CPU
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
             it, epoch, batches_done = state["iteration"], state["epoch"], state["batches_done"]
             logger.info("maskd-tokens: resuming from iteration %d/%d (%s)", it, total, partial)
@@ -340,9 +347,12 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
                         epoch, batches_done = epoch + 1, 0
                     sampler.set_epoch(epoch, start=batches_done * batch_size)
                     dataset.set_epoch(epoch)
+                    # generator: the loader's base seed must not draw from the global generator, or a
+                    # resumed run (one more loader) would shift every later draw (dropout, samplers)
                     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                         num_workers=cfg.data.workers, collate_fn=task.collate,
-                                        drop_last=task.drop_last)
+                                        drop_last=task.drop_last, generator=torch.Generator(),
+                                        worker_init_fn=_ignore_stop_signals if cfg.data.workers else None)
                     for batch in loader:
                         images, targets = task.to_device(batch, device)
                         losses, _ = task.student_forward(teacher, recorder, images, targets)
@@ -383,6 +393,8 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
         os.unlink(partial)
     logger.info("maskd-tokens: wrote %s (%d levels, %d tokens each) in %.1f s", out, len(tokens),
                 options.num_tokens, summary["seconds"])
+    if stop.signum is not None:  # it came during the last iteration: the tokens are written
+        summary["stop_signal"] = stop.signum  # resolve_token_file stops before stage 2
     return summary
 
 
@@ -452,7 +464,11 @@ def resolve_token_file(cfg: Any, task: Any, train_set: Any) -> Any:
     else:
         if cached is not None:
             logger.info("maskd: %s was learnt with another teacher, data or options: learning again", path)
-        learn_tokens(cfg, task, train_set, path, options)
+        summary = learn_tokens(cfg, task, train_set, path, options)
+        if summary.get("stop_signal") is not None:  # a stop signal in stage 1's last iteration: honour it now
+            from acamkd.engine.trainer import TrainingInterrupted
+
+            raise TrainingInterrupted(summary["stop_signal"], options.token_iterations, path)
     method = dataclasses.replace(cfg.method, options={**cfg.method.options, "token_file": path})
     return dataclasses.replace(cfg, method=method)
 

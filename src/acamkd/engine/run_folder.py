@@ -18,7 +18,8 @@ import os
 
 from acamkd.engine.checkpoint import LAST_NAME, PREV_NAME, TMP_PATTERN
 
-__all__ = ["OutputDirError", "RunFolderBusy", "RunFolderLock", "RUN_FILES", "check_fresh_start", "check_writable"]
+__all__ = ["OutputDirError", "RunFolderBusy", "RunFolderLock", "RUN_FILES", "check_fresh_start", "check_writable",
+           "clear_run_files"]
 
 logger = logging.getLogger("acamkd")
 
@@ -121,6 +122,14 @@ def check_fresh_start(folder: str | os.PathLike, overwrite: bool = False) -> Non
         raise OutputDirError(f"train.output_dir={folder} already holds a run ({', '.join(existing)}): pass --resume "
                              f"to continue it, --overwrite to delete it and start over, or choose another "
                              f"train.output_dir")
+    removed = clear_run_files(folder)
+    logger.warning("--overwrite: removed the previous run's files in %s: %s", folder, ", ".join(removed))
+
+
+def clear_run_files(folder: str | os.PathLike) -> list[str]:
+    """Remove what a run writes into ``folder`` (:data:`RUN_FILES`: checkpoints, logs, results);
+    anything else (e.g. MasKD's stage-1 tokens) stays. Returns the removed names, sorted."""
+    folder = os.fspath(folder)
     removed = []
     for pattern in RUN_FILES:
         for path in glob.glob(os.path.join(folder, pattern)):
@@ -131,4 +140,4 @@ def check_fresh_start(folder: str | os.PathLike, overwrite: bool = False) -> Non
             else:
                 os.unlink(path)
             removed.append(os.path.basename(path))
-    logger.warning("--overwrite: removed the previous run's files in %s: %s", folder, ", ".join(sorted(removed)))
+    return sorted(removed)

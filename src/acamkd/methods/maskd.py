@@ -275,10 +275,13 @@ def maskd_level_loss(masks: Tensor, weights: Tensor | None, aligned: Tensor, tea
     ``masks`` ``(N, M, H, W)``, ``weights`` ``(N, M)`` or None, ``aligned`` and ``teacher``
     ``(N, C, H, W)``, all of one dtype: ``L_i[n, c] = sum_p m_i^2 (s - t)^2 / (sum_p m_i + eps)``,
     then ``mean_n sum_i p_i mean_c L_i`` (with weights) or ``mean_{n, i, c} L_i`` (without).
+    A mask that is exactly 0 everywhere (a sigmoid saturated by large raw features) selects nothing:
+    its ``L_i`` is 0, where the authors' code (``eps`` 0) gives 0/0 = NaN; elsewhere the same value.
     """
     err = (aligned - teacher).square()  # (N, C, H, W)
     per = torch.einsum("nmhw,nchw->nmc", masks.square(), err)  # (N, M, C): sum_p (m_i (s - t))^2
-    per = per / (masks.sum((2, 3))[:, :, None] + eps)
+    mass = masks.sum((2, 3))[:, :, None] + eps  # (N, M, 1); 0 only for an all-zero mask (then per is 0 too)
+    per = per / torch.where(mass > 0, mass, torch.ones_like(mass))
     if weights is None:
         return per.mean()
     return (per.mean(2) * weights).sum(1).mean()

@@ -63,7 +63,9 @@ def reference_maskd_loss(masks: Tensor, weights: Tensor | None, aligned_student:
     masked_t = teacher.unsqueeze(1) * masks.unsqueeze(2)
     loss = (masked_s - masked_t) ** 2
     loss = loss.sum((3, 4))  # (N, M, C)
-    loss = loss / (masks.sum((2, 3)).unsqueeze(-1) + eps)
+    denominator = masks.sum((2, 3)).unsqueeze(-1) + eps
+    denominator[denominator == 0] = 1.0  # ours: an all-zero mask's loss is 0, not the authors' 0/0
+    loss = loss / denominator
     if weights is not None:
         loss = (loss.mean(-1) * weights).sum(-1)  # (N,)
     return loss.mean()
