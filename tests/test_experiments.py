@@ -8,8 +8,8 @@ import pytest
 from acamkd.config import load_config
 from acamkd.demo import TASKS
 from acamkd.engine import run as engine
-from acamkd.experiments import (MARKER, Run, aggregate, format_table, markdown_table, run_all, run_key,
-                                write_results)
+from acamkd.experiments import (MARKER, Run, aggregate, by_name, format_table, markdown_table, read_finished,
+                                run_all, run_key, write_results)
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo")
 SMOKE = TASKS["det"].profiles["smoke"]
@@ -215,6 +215,72 @@ def test_a_run_killed_between_a_checkpoints_two_renames_resumes_from_prev(tmp_pa
     [res] = run_all([Run("student", "train", cfg)])
     assert fake_engine[-1][:3] == ("train", "student", True) and res.status == "resumed"
     assert not list(tmp_path.glob("student.stale-*"))
+
+
+def test_a_diverged_run_is_recorded_and_the_run_set_goes_on(tmp_path, fake_engine, monkeypatch):
+    from acamkd.engine.trainer import TrainingDiverged
+    from acamkd.experiments import STATUS_DIVERGED
+
+    fake_distill = engine.distill
+
+    def distill(cfg, resume=False, eval_teacher=None, **kw):
+        if cfg.train.seed == 1:  # this seed blows up
+            raise TrainingDiverged("non-finite values in ['student_feats'] at step 14 (epoch 0): ...")
+        return fake_distill(cfg, resume, eval_teacher=eval_teacher, **kw)
+
+    monkeypatch.setattr(engine, "distill", distill)
+    teacher = smoke(tmp_path, "teacher", "teacher")
+    runs = [Run("teacher", "train", teacher)]
+    for seed in (0, 1, 2):
+        cfg = smoke(tmp_path, "acam", f"acam{seed}", f"train.seed={seed}")
+        runs.append(Run("acam", "distill", cfg, seed=seed, needs=["teacher"]))
+    runs.append(Run("student", "train", smoke(tmp_path)))  # after the diverged run: still runs
+    results = run_all(runs)
+    assert [r.status for r in results] == ["ran", "ran", STATUS_DIVERGED, "ran", "ran"]
+    assert "step 14" in results[2].metrics["diverged"]
+    marker = json.loads((tmp_path / "acam1" / MARKER).read_text())
+    assert marker["status"] == "diverged" and "step 14" in marker["error"]
+    stats = aggregate(by_name(results))
+    assert stats["acam"]["n"] == 2 and stats["acam"]["diverged"] == [1]
+    table = markdown_table(stats, ["AP"])
+    assert "| acam (n=2) (diverged: seed 1) | 25.0 ± 0.0 |" in table
+    # the next call reads it back as diverged: the engine is not called again for it
+    fake_engine.clear()
+    again = run_all(runs)
+    assert fake_engine == [] and again[2].status == STATUS_DIVERGED and again[0].status == "cached"
+    finished, missing = read_finished(runs)
+    assert len(finished) == 5 and not missing
+
+
+def test_runs_that_need_a_diverged_run_are_not_run(tmp_path, fake_engine, monkeypatch):
+    from acamkd.engine.trainer import TrainingDiverged
+
+    def train(cfg, resume=False):
+        raise TrainingDiverged("non-finite loss at step 3")
+
+    monkeypatch.setattr(engine, "train", train)
+    runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher")),
+            Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"])]
+    teacher, acam = run_all(runs)
+    assert teacher.status == acam.status == "diverged" and fake_engine == []
+    assert "needs teacher (seed 0), which diverged" in acam.metrics["diverged"]
+    assert "| acam (diverged: seed 0) | - |" in markdown_table(aggregate(by_name([acam])), ["AP"])
+
+
+def test_non_finite_method_inputs_in_a_training_step_are_a_divergence():
+    from types import SimpleNamespace
+
+    from acamkd.engine.trainer import Trainer, TrainingDiverged
+    from acamkd.methods.base import NonFiniteValues
+
+    def step(batches, accumulate=1):
+        raise NonFiniteValues(["student_feats['p3']"])
+
+    trainer = Trainer.__new__(Trainer)  # only what _train_step reads
+    trainer.step_fn, trainer.step, trainer.epoch = step, 7, 0
+    trainer.cfg = SimpleNamespace(train=SimpleNamespace(accumulate=1))
+    with pytest.raises(TrainingDiverged, match=r"non-finite values in \[\"student_feats\['p3'\]\"\] at step 7"):
+        trainer._train_step([])
 
 
 def test_distillation_runs_after_its_teacher_and_follows_it(tmp_path, fake_engine):

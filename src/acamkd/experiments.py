@@ -39,7 +39,9 @@ aggregates).
 
 The runner is for one process (the demo, a sweep on one machine); launch multi-GPU runs with
 ``torchrun ... acamkd train``. A run that raises stops :func:`run_all` (its marker stays
-``started``: the next call resumes it from its last checkpoint).
+``started``: the next call resumes it from its last checkpoint), except a run that diverges
+(NaN/inf loss or features): its marker says ``diverged`` with the message, the table names the
+seed as diverged, the runs that need it are not run, and the run set goes on.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ from typing import Any, Literal
 from acamkd.config import Config, to_dict
 
 __all__ = ["Run", "RunResult", "run_all", "read_finished", "run_key", "aggregate", "by_name", "markdown_table", "format_table",
-           "results_json", "write_results", "MARKER", "PEAK_MEMORY", "STATUS_CACHED", "STATUS_RAN", "STATUS_RESUMED"]
+           "results_json", "write_results", "MARKER", "PEAK_MEMORY", "STATUS_CACHED", "STATUS_DIVERGED", "STATUS_RAN",
+           "STATUS_RESUMED"]
 
 logger = logging.getLogger("acamkd")
 
@@ -68,6 +71,8 @@ _LAST = "last.pt"  # acamkd.engine.checkpoint.LAST_NAME (not imported: that impo
 _STAGE1_FILES = ("maskd_tokens.safetensors", "maskd_tokens.safetensors.partial.pt")
 _PREV = "prev.pt"  # acamkd.engine.checkpoint.PREV_NAME: the whole checkpoint a kill between two renames leaves
 STATUS_CACHED, STATUS_RAN, STATUS_RESUMED = "cached", "ran", "resumed"
+STATUS_DIVERGED = "diverged"  # the engine raised TrainingDiverged: recorded, not fatal to the run set
+DIVERGED = "diverged"  # a diverged run's only metric: the engine's message
 
 
 @dataclass
@@ -170,7 +175,7 @@ def _differences(old: Any, new: Any, limit: int = 6) -> str:
 
 
 def _state(run: Run, key: str) -> tuple[str, str]:
-    """What the run folder holds: ("new"|"done"|"legacy"|"resume"|"stage1"|"stale", why)."""
+    """What the run folder holds: ("new"|"done"|"legacy"|"diverged"|"resume"|"stage1"|"stale", why)."""
     out = run.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return "new", ""
@@ -190,6 +195,8 @@ def _state(run: Run, key: str) -> tuple[str, str]:
         return "stale", why
     if marker.get("status") == "finished" and finished:
         return "done", ""
+    if marker.get("status") == STATUS_DIVERGED:
+        return "diverged", str(marker.get("error", "diverged"))
     if (out / _LAST).is_file() or (out / _PREV).is_file():
         return "resume", ""  # the engine resumes from last.pt, else prev.pt
     if _learns_stage1(run) and any((out / name).is_file() for name in _STAGE1_FILES):
@@ -271,13 +278,23 @@ def run_all(runs: Sequence[Run]) -> list[RunResult]:
     Each run is skipped, resumed or started over as the module docstring says. Raises
     ValueError for two runs with the same name and seed or the same output folder, an unknown
     or ambiguous need, or a dependency cycle (all checked before anything runs); whatever the
-    engine raises propagates (later runs do not start).
+    engine raises propagates (later runs do not start), except a run that diverges
+    (:class:`~acamkd.engine.trainer.TrainingDiverged`): its marker records it (``status:
+    "diverged"`` and the message), its result has status ``diverged`` and the message as its only
+    metric, the runs that need it are not run (also ``diverged``), and the others go on. A later call
+    reads a diverged run back as diverged (it would diverge again: same config, same seed); remove
+    its folder to try again.
     """
     from acamkd.engine import run as engine  # lazily: the engine imports torch and the models
 
     ordered, needs = _order(runs)
     done: dict[str, RunResult] = {}
     for r in ordered:
+        diverged = [dep.id for dep in needs[r.id] if done[dep.id].status == STATUS_DIVERGED]
+        if diverged:  # nothing to distil from: recorded as diverged too, not run
+            logger.warning("run %s: not run, it needs %s, which diverged", r.id, diverged[0])
+            done[r.id] = RunResult(r, {DIVERGED: f"not run: it needs {diverged[0]}, which diverged"}, STATUS_DIVERGED)
+            continue
         need_keys = {dep.id: done[dep.id].key for dep in needs[r.id]}
         with _runner_lock(r):
             done[r.id] = _run_one(engine, r, run_key(r, need_keys), need_keys)
@@ -307,8 +324,11 @@ def read_finished(runs: Sequence[Run]) -> tuple[list[RunResult], list[Run]]:
         if any(dep.id not in done for dep in needs[r.id]):
             continue
         key = run_key(r, {dep.id: done[dep.id].key for dep in needs[r.id]})
-        if _state(r, key)[0] in ("done", "legacy"):
+        state, why = _state(r, key)
+        if state in ("done", "legacy"):
             done[r.id] = RunResult(r, _collect(r.output_dir), STATUS_CACHED, key)
+        elif state == "diverged":
+            done[r.id] = RunResult(r, {DIVERGED: why}, STATUS_DIVERGED, key)
     return [done[r.id] for r in runs if r.id in done], [r for r in runs if r.id not in done]
 
 
@@ -321,6 +341,9 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         if state == "legacy":  # adopt the old demo's folder
             _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
         return RunResult(r, _collect(out), STATUS_CACHED, key)
+    if state == "diverged":
+        logger.info("run %s: diverged before with this config (%s); not run again (remove %s to retry)", r.id, why, out)
+        return RunResult(r, {DIVERGED: why}, STATUS_DIVERGED, key)
     if state == "stale":
         moved = _move_aside(out)
         logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
@@ -335,10 +358,17 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         from acamkd.engine.run_folder import clear_run_files
 
         clear_run_files(out)
-    if r.kind == "distill":
-        engine.distill(r.cfg, resume=resume, eval_teacher=False)
-    else:
-        engine.train(r.cfg, resume=resume)
+    from acamkd.engine.trainer import TrainingDiverged
+
+    try:
+        if r.kind == "distill":
+            engine.distill(r.cfg, resume=resume, eval_teacher=False)
+        else:
+            engine.train(r.cfg, resume=resume)
+    except TrainingDiverged as err:
+        _write_json(out / MARKER, {**_marker(r, key, need_keys, STATUS_DIVERGED), "error": str(err)})
+        logger.warning("run %s diverged: %s. Recorded (the table says so); going on with the other runs", r.id, err)
+        return RunResult(r, {DIVERGED: str(err)}, STATUS_DIVERGED, key)
     _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
     return RunResult(r, _collect(out), STATUS_RESUMED if resume else STATUS_RAN, key)
 
@@ -359,14 +389,17 @@ def aggregate(per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[s
     """``{name: {seed: metrics}}`` -> ``{name: {"seeds": [...], "n": k, "mean": {...}, "std": {...}}}``.
 
     Per metric present as a finite number in every seed of a row: the mean and the sample
-    standard deviation (n - 1; None for one seed). Seeds are listed in ascending order.
+    standard deviation (n - 1; None for one seed). Seeds are listed in ascending order. A seed
+    whose metrics hold :data:`DIVERGED` is left out of ``seeds``, ``n`` and the statistics and
+    listed in ``"diverged"``.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, seeds in per_seed.items():
-        order = sorted(seeds)
+        diverged = sorted(s for s in seeds if DIVERGED in seeds[s])
+        order = sorted(s for s in seeds if DIVERGED not in seeds[s])
         keys = [k for k in seeds[order[0]] if all(_number(seeds[s].get(k)) for s in order)] if order else []
         values = {k: [float(seeds[s][k]) for s in order] for k in keys}
-        out[name] = {"seeds": order, "n": len(order),
+        out[name] = {"seeds": order, "n": len(order), "diverged": diverged,
                      "mean": {k: statistics.fmean(v) for k, v in values.items()},
                      "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}}
     return out
@@ -396,7 +429,7 @@ def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str
     """A markdown table of :func:`aggregate` output: one row per name, ``columns`` x100 to one
     decimal (``-`` where missing or negative: COCO's -1 for an empty size range) and
     ``train s/step``; ``mean ± std`` when a row has several seeds (its name then ends in
-    ``(n=k)``), the plain value for one seed. ``peak_memory`` adds a last column ``peak MiB``
+    ``(n=k)``), the plain value for one seed; seeds that diverged are named after it and left out. ``peak_memory`` adds a last column ``peak MiB``
     (``timing.json``'s ``peak_mem_mib``, whole MiB; ``-`` for a row whose runs lack it)."""
     extra = " peak MiB |" if peak_memory else ""
     lines = ["| model | " + " | ".join(columns) + " | train s/step |" + extra,
@@ -404,6 +437,9 @@ def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str
     for name, row in stats.items():
         cells = [_cell(row, c, 100.0, 1, True) for c in columns]
         label = name if row["n"] <= 1 else f"{name} (n={row['n']})"
+        if row.get("diverged"):
+            seeds = ", ".join(map(str, row["diverged"]))
+            label += f" (diverged: seed{'s' if len(row['diverged']) > 1 else ''} {seeds})"
         memory = f" {_cell(row, PEAK_MEMORY, 1.0, 0, False)} |" if peak_memory else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(row, 'sec_per_step', 1.0, 2, False)} |"
                      + memory)

@@ -42,6 +42,7 @@ from acamkd.engine.run_folder import RunFolderLock, check_fresh_start
 from acamkd.engine.run_log import RunLog
 from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
 from acamkd.engine.step import NonFiniteLoss, TrainingStep
+from acamkd.methods.base import NonFiniteValues
 
 __all__ = ["EpochPlan", "StopSignals", "Trainer", "TrainingDiverged", "TrainingInterrupted", "plan_epochs"]
 
@@ -353,6 +354,10 @@ class Trainer:
             raise TrainingDiverged(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
                                    f"{self.batches_done + err.micro_batch}): {bad}; all losses: {err.losses}. Lower train.lr, set "
                                    f"train.grad_clip, or check the data; the last checkpoint is unchanged.") from None
+        except NonFiniteValues as err:  # a method's inputs: the student's (or teacher's) features went NaN/inf
+            raise TrainingDiverged(f"non-finite values in {err.names} at step {self.step} (epoch {self.epoch}): the "
+                                   f"previous steps diverged. Lower train.lr or the distillation weight, set "
+                                   f"train.grad_clip, or check the teacher; the last checkpoint is unchanged.") from None
         self.step += 1
         return losses
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistillMethod", "LevelResult", "LevelwiseMethod", "MethodOptions", "OptionError",
-    "check_choice", "check_feature_pair", "check_finite", "check_int", "check_level_names", "check_weight",
+    "NonFiniteValues", "check_choice", "check_feature_pair", "check_finite", "check_int", "check_level_names", "check_weight",
     "level_key", "resolve_options", "upcast",
 ]
 
@@ -193,8 +193,18 @@ def check_feature_pair(teacher_feat: Any, student_feat: Any, teacher_channels: i
         raise ValueError(f"{prefix}teacher_feat is on {teacher_feat.device}, student_feat on {student_feat.device}")
 
 
+class NonFiniteValues(ValueError):
+    """A method's input holds NaN or inf (``names``: which). Raised in a training step, the engine
+    reports it as the run diverging (:class:`acamkd.engine.trainer.TrainingDiverged`)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"non-finite values (NaN or inf) in {names}")
+
+
 def check_finite(named: Mapping[str, Tensor]) -> None:
-    """One host sync for all tensors; on failure a ValueError naming each tensor holding NaN/inf."""
+    """One host sync for all tensors; on failure a :class:`NonFiniteValues` (a ValueError) naming
+    each tensor holding NaN/inf."""
     if not named:
         return
     # max and min propagate NaN and carry +-inf: both finite <=> every element finite. Two
@@ -205,8 +215,7 @@ def check_finite(named: Mapping[str, Tensor]) -> None:
                              for t in named.values()])
     if bool(flags.all()):
         return
-    bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
-    raise ValueError(f"non-finite values (NaN or inf) in {bad}")
+    raise NonFiniteValues([name for name, ok in zip(named, flags.tolist()) if not ok])
 
 
 def level_key(name: str) -> str:
