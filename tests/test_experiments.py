@@ -243,7 +243,7 @@ def test_a_diverged_run_is_recorded_and_the_run_set_goes_on(tmp_path, fake_engin
     stats = aggregate(by_name(results))
     assert stats["acam"]["n"] == 2 and stats["acam"]["diverged"] == [1]
     table = markdown_table(stats, ["AP"])
-    assert "| acam (n=2) (diverged: seed 1) | 25.0 ± 0.0 |" in table
+    assert "| acam (n=2; diverged: seed 1) | 25.0 ± 0.0 |" in table
     # the next call reads it back as diverged: the engine is not called again for it
     fake_engine.clear()
     again = run_all(runs)
@@ -264,7 +264,7 @@ def test_runs_that_need_a_diverged_run_are_not_run(tmp_path, fake_engine, monkey
     teacher, acam = run_all(runs)
     assert teacher.status == acam.status == "diverged" and fake_engine == []
     assert "needs teacher (seed 0), which diverged" in acam.metrics["diverged"]
-    assert "| acam (diverged: seed 0) | - |" in markdown_table(aggregate(by_name([acam])), ["AP"])
+    assert "| acam (n=0; diverged: seed 0) | - |" in markdown_table(aggregate(by_name([acam])), ["AP"])
 
 
 def test_non_finite_method_inputs_in_a_training_step_are_a_divergence():

@@ -437,9 +437,9 @@ def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str
     for name, row in stats.items():
         cells = [_cell(row, c, 100.0, 1, True) for c in columns]
         label = name if row["n"] <= 1 else f"{name} (n={row['n']})"
-        if row.get("diverged"):
+        if row.get("diverged"):  # always say how many seeds the numbers are, then which diverged
             seeds = ", ".join(map(str, row["diverged"]))
-            label += f" (diverged: seed{'s' if len(row['diverged']) > 1 else ''} {seeds})"
+            label = f"{name} (n={row['n']}; diverged: seed{'s' if len(row['diverged']) > 1 else ''} {seeds})"
         memory = f" {_cell(row, PEAK_MEMORY, 1.0, 0, False)} |" if peak_memory else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(row, 'sec_per_step', 1.0, 2, False)} |"
                      + memory)
