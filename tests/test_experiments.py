@@ -192,6 +192,16 @@ def test_a_maskd_run_killed_in_stage1_starts_again_in_place_keeping_only_the_sta
         (folder / stage1_file).unlink()
 
 
+def test_the_runners_file_names_are_the_engines():
+    """experiments names the engine's files without importing it (torch): the names must agree."""
+    from acamkd import experiments
+    from acamkd.engine.checkpoint import LAST_NAME, PREV_NAME
+    from acamkd.engine.maskd_tokens import TOKEN_FILE_NAME, partial_path
+
+    assert (experiments._LAST, experiments._PREV) == (LAST_NAME, PREV_NAME)
+    assert experiments._STAGE1_FILES == (TOKEN_FILE_NAME, partial_path(TOKEN_FILE_NAME))
+
+
 def test_a_stage1_file_in_another_methods_folder_does_not_keep_a_killed_run(tmp_path, fake_engine):
     runs = [Run("teacher", "train", smoke(tmp_path, "teacher", "teacher")),
             Run("acam", "distill", smoke(tmp_path, "acam", "acam"), needs=["teacher"])]

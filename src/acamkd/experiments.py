@@ -204,6 +204,11 @@ def _state(run: Run, key: str) -> tuple[str, str]:
     return "stale", "a run of this config stopped before its first checkpoint"
 
 
+def _diverged(run: Run, message: str, key: str = "") -> RunResult:
+    """The result of a run that diverged (or could not run because a run it needs did)."""
+    return RunResult(run, {DIVERGED: message}, STATUS_DIVERGED, key)
+
+
 def _learns_stage1(run: Run) -> bool:
     """A MasKD distillation whose stage 1 runs in its own folder (``token_file: auto``)."""
     method = run.cfg.method
@@ -293,7 +298,7 @@ def run_all(runs: Sequence[Run]) -> list[RunResult]:
         diverged = [dep.id for dep in needs[r.id] if done[dep.id].status == STATUS_DIVERGED]
         if diverged:  # nothing to distil from: recorded as diverged too, not run
             logger.warning("run %s: not run, it needs %s, which diverged", r.id, diverged[0])
-            done[r.id] = RunResult(r, {DIVERGED: f"not run: it needs {diverged[0]}, which diverged"}, STATUS_DIVERGED)
+            done[r.id] = _diverged(r, f"not run: it needs {diverged[0]}, which diverged")
             continue
         need_keys = {dep.id: done[dep.id].key for dep in needs[r.id]}
         with _runner_lock(r):
@@ -328,7 +333,7 @@ def read_finished(runs: Sequence[Run]) -> tuple[list[RunResult], list[Run]]:
         if state in ("done", "legacy"):
             done[r.id] = RunResult(r, _collect(r.output_dir), STATUS_CACHED, key)
         elif state == "diverged":
-            done[r.id] = RunResult(r, {DIVERGED: why}, STATUS_DIVERGED, key)
+            done[r.id] = _diverged(r, why, key)
     return [done[r.id] for r in runs if r.id in done], [r for r in runs if r.id not in done]
 
 
@@ -343,15 +348,15 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         return RunResult(r, _collect(out), STATUS_CACHED, key)
     if state == "diverged":
         logger.info("run %s: diverged before with this config (%s); not run again (remove %s to retry)", r.id, why, out)
-        return RunResult(r, {DIVERGED: why}, STATUS_DIVERGED, key)
+        return _diverged(r, why, key)
     if state == "stale":
         moved = _move_aside(out)
         logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
                        r.id, out, why, moved)
     resume = state == "resume"
-    logger.info("run %s: %s in %s", r.id, f"resuming from {_LAST}" if resume else
-                "starting again from MasKD's stage 1 (its tokens or checkpoint kept)" if state == "stage1" else
-                f"{r.kind}ing", out)
+    action = {"resume": f"resuming from {_LAST}",
+              "stage1": "starting again from MasKD's stage 1 (its tokens or checkpoint kept)"}.get(state, f"{r.kind}ing")
+    logger.info("run %s: %s in %s", r.id, action, out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MARKER, _marker(r, key, need_keys, "started"))
     if state == "stage1":  # clear what stage 2 may have logged; the stage-1 files are not run files
@@ -368,7 +373,7 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
     except TrainingDiverged as err:
         _write_json(out / MARKER, {**_marker(r, key, need_keys, STATUS_DIVERGED), "error": str(err)})
         logger.warning("run %s diverged: %s. Recorded (the table says so); going on with the other runs", r.id, err)
-        return RunResult(r, {DIVERGED: str(err)}, STATUS_DIVERGED, key)
+        return _diverged(r, str(err), key)
     _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
     return RunResult(r, _collect(out), STATUS_RESUMED if resume else STATUS_RAN, key)
 
@@ -429,17 +434,19 @@ def markdown_table(stats: Mapping[str, Mapping[str, Any]], columns: Sequence[str
     """A markdown table of :func:`aggregate` output: one row per name, ``columns`` x100 to one
     decimal (``-`` where missing or negative: COCO's -1 for an empty size range) and
     ``train s/step``; ``mean ± std`` when a row has several seeds (its name then ends in
-    ``(n=k)``), the plain value for one seed; seeds that diverged are named after it and left out. ``peak_memory`` adds a last column ``peak MiB``
+    ``(n=k)``), the plain value for one seed; a row with diverged seeds ends in ``(n=k; diverged:
+    seeds ...)`` and its numbers leave them out. ``peak_memory`` adds a last column ``peak MiB``
     (``timing.json``'s ``peak_mem_mib``, whole MiB; ``-`` for a row whose runs lack it)."""
     extra = " peak MiB |" if peak_memory else ""
     lines = ["| model | " + " | ".join(columns) + " | train s/step |" + extra,
              "|---" * (len(columns) + 2 + bool(peak_memory)) + "|"]
     for name, row in stats.items():
         cells = [_cell(row, c, 100.0, 1, True) for c in columns]
-        label = name if row["n"] <= 1 else f"{name} (n={row['n']})"
         if row.get("diverged"):  # always say how many seeds the numbers are, then which diverged
             seeds = ", ".join(map(str, row["diverged"]))
             label = f"{name} (n={row['n']}; diverged: seed{'s' if len(row['diverged']) > 1 else ''} {seeds})"
+        else:
+            label = name if row["n"] <= 1 else f"{name} (n={row['n']})"
         memory = f" {_cell(row, PEAK_MEMORY, 1.0, 0, False)} |" if peak_memory else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(row, 'sec_per_step', 1.0, 2, False)} |"
                      + memory)

@@ -372,12 +372,12 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
                         if (it - 1) % log_every == 0 or it == total:
                             logger.info("maskd-tokens %d/%d: task loss %.4f, dice %.4f, lr %.3g", it, total,
                                         float(task_loss), float(dice_total), scheduler.get_last_lr()[0])
-                        if it < total and (stop.signum is not None or (every and it % every == 0)):
-                            save()
-                        if stop.signum is not None and it < total:
-                            raise TrainingInterrupted(stop.signum, it, partial)
                         if it >= total:
-                            break
+                            break  # a signal now is reported after the tokens are written
+                        if stop.signum is not None or (every and it % every == 0):
+                            save()
+                        if stop.signum is not None:
+                            raise TrainingInterrupted(stop.signum, it, partial)
                     else:
                         batches_done = per_epoch  # the epoch ran out (a resumed epoch's rest included)
         finally:
