@@ -3,6 +3,7 @@ evaluation (whole image, sliding windows, every image counted once), bad input, 
 distil -> eval -> export -> SIGKILL + resume through the CLI, as for detection."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ def teacher(tmp_path_factory):
     base = tmp_path_factory.mktemp("seg")
     root, out = base / "shapes", base / "teacher"
     acamkd("train", f"{DEMO}/shapes_seg_teacher.yaml", *tiny(root, out, iterations=2), "student.backbone=resnet18")
-    return base, root, out / "last.pt"
+    yield base, root, out / "last.pt"
+    shutil.rmtree(base, ignore_errors=True)  # the module's runs are large (checkpoints); free the disk now
 
 
 def distill_args(root, ckpt, out, iterations=4, student="pspnet"):

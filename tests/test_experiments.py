@@ -1,5 +1,6 @@
 """The experiment runner: cache keyed by the resolved config, resume, dependency order, tables."""
 import json
+import logging
 import math
 import os
 
@@ -215,16 +216,18 @@ def test_a_stage1_file_in_another_methods_folder_does_not_keep_a_killed_run(tmp_
     assert (tmp_path / "acam.stale-1" / "maskd_tokens.safetensors").exists()  # moved aside, as any such run
 
 
-def test_a_run_killed_between_a_checkpoints_two_renames_resumes_from_prev(tmp_path, fake_engine):
+def test_a_run_killed_between_a_checkpoints_two_renames_resumes_from_prev(tmp_path, fake_engine, caplog):
     cfg = smoke(tmp_path)
     run_all([Run("student", "train", cfg)])
     marker = json.loads((tmp_path / "student" / MARKER).read_text())
     (tmp_path / "student" / MARKER).write_text(json.dumps({**marker, "status": "started"}))
     (tmp_path / "student" / "final_metrics.json").unlink()
     os.replace(tmp_path / "student" / "last.pt", tmp_path / "student" / "prev.pt")  # only prev.pt is whole
-    [res] = run_all([Run("student", "train", cfg)])
+    with caplog.at_level(logging.INFO, logger="acamkd"):
+        [res] = run_all([Run("student", "train", cfg)])
     assert fake_engine[-1][:3] == ("train", "student", True) and res.status == "resumed"
     assert not list(tmp_path.glob("student.stale-*"))
+    assert "run student (seed 0): resuming from prev.pt in" in caplog.text  # the file the engine reads
 
 
 def test_a_diverged_run_is_recorded_and_the_run_set_goes_on(tmp_path, fake_engine, monkeypatch):

@@ -3,6 +3,7 @@ gives the same tokens as an uninterrupted run (acamkd.engine.maskd_tokens.learn_
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -42,7 +43,8 @@ def stage1(request, tmp_path_factory):
     reference = str(tmp / "uninterrupted.safetensors")
     summary = learn_tokens(cfg, task, train_set, reference)
     assert summary["resumed_from"] == 0 and not os.path.exists(partial_path(reference))
-    return cfg, task, train_set, load_token_file(reference)[0]
+    yield cfg, task, train_set, load_token_file(reference)[0]
+    shutil.rmtree(tmp, ignore_errors=True)  # free the disk before the next task's teacher
 
 
 class FailingTask:

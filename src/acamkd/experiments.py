@@ -354,7 +354,7 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         logger.warning("run %s: %s is not reused because %s; moved it to %s and starting over",
                        r.id, out, why, moved)
     resume = state == "resume"
-    action = {"resume": f"resuming from {_LAST}",
+    action = {"resume": f"resuming from {_LAST if (out / _LAST).is_file() else _PREV}",
               "stage1": "starting again from MasKD's stage 1 (its tokens or checkpoint kept)"}.get(state, f"{r.kind}ing")
     logger.info("run %s: %s in %s", r.id, action, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -285,7 +285,7 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
     from acamkd.engine.checkpoint import save_checkpoint
     from acamkd.engine.run import sha256_of
     from acamkd.engine.sampling import PerSampleSeed, ResumableSampler
-    from acamkd.engine.trainer import StopSignals, TrainingInterrupted, _ignore_stop_signals
+    from acamkd.engine.trainer import StopSignals, TrainingInterrupted, ignore_stop_signals
 
     options = options or maskd_options(cfg)
     teacher_cfg = cfg.teacher
@@ -352,7 +352,7 @@ def learn_tokens(cfg: Any, task: Any, train_set: Any, out: str, options: MasKDOp
                     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                         num_workers=cfg.data.workers, collate_fn=task.collate,
                                         drop_last=task.drop_last, generator=torch.Generator(),
-                                        worker_init_fn=_ignore_stop_signals if cfg.data.workers else None)
+                                        worker_init_fn=ignore_stop_signals if cfg.data.workers else None)
                     for batch in loader:
                         images, targets = task.to_device(batch, device)
                         losses, _ = task.student_forward(teacher, recorder, images, targets)

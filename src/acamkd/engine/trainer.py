@@ -98,7 +98,7 @@ class TrainingInterrupted(RuntimeError):
                          f"{checkpoint}")  # how to continue is the caller's to say (CLI: --resume, or rerun a run set)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step
     boundary and then ends them (a worker killed by Ctrl-C would abort the step instead)."""
     for signum in STOP_SIGNALS:
@@ -169,7 +169,7 @@ class Trainer:
         return DataLoader(self.train_set, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.workers,
                           collate_fn=self.task.collate, generator=torch.Generator(),  # leaves the global RNG alone
                           pin_memory=self.info.device.type == "cuda", drop_last=self.task.drop_last,
-                          worker_init_fn=_ignore_stop_signals if d.workers else None)
+                          worker_init_fn=ignore_stop_signals if d.workers else None)
 
     def val_loader(self) -> DataLoader:
         d = self.cfg.data
@@ -177,7 +177,7 @@ class Trainer:
                                    world_size=self.info.world_size)
         return DataLoader(self.val_set, batch_size=self.cfg.eval.batch_size or d.batch_size, sampler=sampler,
                           num_workers=d.workers, collate_fn=self.task.collate, generator=torch.Generator(),
-                          worker_init_fn=_ignore_stop_signals if d.workers else None)
+                          worker_init_fn=ignore_stop_signals if d.workers else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
