@@ -93,6 +93,25 @@ def test_distill_bench_workers_measure(variant, task):
     assert result["median_ms"] > 0 and result["images_per_s"] > 0 and result["peak_mib"] >= 0
 
 
+def test_distill_bench_times_a_method_past_its_warm_up(monkeypatch):
+    """MasKD's student masks join after ``custom_mask_warmup`` steps: the bench (and ``acamkd cost``)
+    times the step with them on, the cost of a long run, not of its first steps."""
+    import argparse
+
+    from acamkd.bench.distill import DEFAULT_CONFIGS, _run_worker, bench_overrides
+    from acamkd.methods.maskd import MasKD
+
+    seen = []
+    original = MasKD.student_masks_on
+    monkeypatch.setattr(MasKD, "student_masks_on", lambda self: seen.append(original(self)) or seen[-1])
+    args = argparse.Namespace(overrides=["method.name=maskd", "method.options={}"], dtype="fp32", arch="retinanet",
+                              teacher="resnet18", student="resnet18")
+    spec = {"device": "cpu", "config": str(DEFAULT_CONFIGS["det"]), "overrides": bench_overrides(args),
+            "image": [64, 96], "batch": 1, "classes": 3, "repeats": 1, "warmup": 0}
+    result = _run_worker("distill", spec)
+    assert result["median_ms"] > 0 and seen and all(seen)  # default custom_mask_warmup 7000: on only when pushed past
+
+
 def test_distill_bench_cli_json(capsys):
     """The whole command on a tiny demo config: three variants measured, the ratio reported."""
     from acamkd.cli import main as cli_main

@@ -10,7 +10,8 @@ before, CPU growth of the peak resident set; each measurement in its own process
 * training, per step of ``--batch`` images: the student alone (``train``), the teacher forward
   that distillation needs, and one distillation step for every registered method that applies
   (``--methods``; the config's own method with its options, the others with their defaults; a
-  method that cannot run on this config is listed with the reason);
+  method that cannot run on this config is listed with the reason), each past its warm-up
+  (the bench's steady state: MasKD with its student masks on);
 * the parameters of each method's training-only modules (alignment convs, mask units), which
   the export drops;
 * inference (eval mode, no grad, full forward with post-processing): images/s and peak memory at

@@ -9,7 +9,9 @@ method, optimizer, :class:`~acamkd.engine.step.TrainingStep`), but from random i
 * ``teacher``: one teacher forward of what distillation needs (``Task.teacher_forward``:
   detectors transform + backbone/FPN, segmenters the stride-8 logits; no grad, eval mode),
 * ``distill``: one distillation step (the engine's step: teacher forward, student losses and
-  taps, the method, backward, optimizer step).
+  taps, the method, backward, optimizer step), timed in the steady state: a method with a
+  warm-up (``set_step``: MasKD's student masks join after ``custom_mask_warmup`` steps) is set
+  past it first, so the figure is what a long run pays per step.
 
 It prints images/s and peak memory of each, and the ratio ``distill / (student + teacher)``
 (the detection issue's goal: at most 1.15). Each variant runs in its own process. Without a
@@ -126,6 +128,9 @@ def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     first_image = (lambda: [task.to_device(batch, torch.device("cpu"))[0][0]])  # for configured taps' channels
     models = build_models(cfg, task, mode, spec["classes"], sample=first_image, random_init=True)
     step = build_step(cfg, task, models, info, total_steps=10**6)
+    past_warmup = getattr(getattr(step.trained, "method", None), "set_step", None)
+    if past_warmup is not None:  # time the steady state: a method's warm-up over (MasKD's student masks on)
+        past_warmup(10**6)
     if models.teacher is not None:
         images, _ = task.to_device(batch, device)
         calibrate_batchnorm(task, models.teacher, models.teacher_taps, images)
