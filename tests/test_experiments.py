@@ -32,7 +32,8 @@ def fake_engine(monkeypatch):
         calls.append((kind, os.path.basename(cfg.train.output_dir), resume, kw))
         out = cfg.train.output_dir
         os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "last.pt"), "wb").close()
+        for name in ("prev.pt", "last.pt"):  # the engine's final checkpoint and the one before it
+            open(os.path.join(out, name), "wb").close()
         with open(os.path.join(out, "final_metrics.json"), "w") as f:
             json.dump({"step": 2, "AP": 0.25, "AP50": 0.5, "APs": -1.0, "lr_seen": cfg.train.lr}, f)
         with open(os.path.join(out, "timing.json"), "w") as f:
@@ -62,6 +63,23 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a))
     [again] = run_all([Run("student", "train", smoke(tmp_path))])  # an equal config, built anew
     assert calls == [] and again.status == "cached" and again.metrics == first.metrics
+
+
+def test_a_finished_run_keeps_its_last_checkpoint_only(tmp_path, fake_engine, monkeypatch):
+    """prev.pt guards a run against a kill between a checkpoint's two renames; once the run has
+    finished it is dead weight (a sweep's disk doubled), so the runner removes it. A run that stops
+    early keeps it (it resumes from it)."""
+    run_all([Run("student", "train", smoke(tmp_path))])
+    assert (tmp_path / "student" / "last.pt").is_file() and not (tmp_path / "student" / "prev.pt").exists()
+
+    def killed(cfg, resume=False):
+        open(os.path.join(cfg.train.output_dir, "prev.pt"), "wb").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_all([Run("other", "train", smoke(tmp_path, "student", "other"))])
+    assert (tmp_path / "other" / "prev.pt").is_file()  # not finished: kept for the resume
 
 
 def test_a_folder_holding_another_config_is_moved_aside_not_reused(tmp_path, fake_engine):

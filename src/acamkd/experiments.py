@@ -10,7 +10,9 @@ The cache is keyed by the resolved config. Before the engine starts, the runner 
 ``sha256`` of all that as canonical JSON, ``status: "started"``) and sets ``status: "finished"``
 once the engine returns. On the next call, a folder whose marker has the same ``sha256``:
 
-* finished, with its ``final_metrics.json``: skipped, its metrics read back;
+* finished, with its ``final_metrics.json``: skipped, its metrics read back (a run the runner
+  finished keeps ``last.pt`` only: its ``prev.pt``, the fallback against a kill mid-save, is
+  removed once the run has finished, halving a sweep's disk);
 * not finished but holding ``last.pt`` or ``prev.pt`` (killed mid-way, or between a checkpoint's
   two renames): resumed with ``resume=True`` (the engine resumes exactly, from ``last.pt`` else
   ``prev.pt``);
@@ -375,7 +377,17 @@ def _run_one(engine, r: Run, key: str, need_keys: Mapping[str, str]) -> RunResul
         logger.warning("run %s diverged: %s. Recorded (the table says so); going on with the other runs", r.id, err)
         return _diverged(r, str(err), key)
     _write_json(out / MARKER, _marker(r, key, need_keys, "finished"))
+    _drop_fallback_checkpoint(out)
     return RunResult(r, _collect(out), STATUS_RESUMED if resume else STATUS_RAN, key)
+
+
+def _drop_fallback_checkpoint(out: Path) -> None:
+    """Remove a finished run's ``prev.pt``: it guards against a kill between a checkpoint's two
+    renames, and the run has finished with a whole ``last.pt`` (the engine wrote its final
+    metrics after it). Each is a checkpoint with optimizer state: keeping both doubles a sweep's disk."""
+    if (out / _LAST).is_file() and (out / _PREV).is_file():
+        (out / _PREV).unlink()
+        logger.info("%s: finished; removed %s (%s is the run's checkpoint)", out, _PREV, _LAST)
 
 
 def _marker(run: Run, key: str, need_keys: Mapping[str, str], status: str) -> dict[str, Any]:
