@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -35,3 +36,20 @@ def _seed_torch():
     """Every test starts from the same global RNG state (module inits draw from it)."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def module_tmp_dir(tmp_path_factory):
+    """``module_tmp_dir(name)``: a new folder for a module-scoped fixture's runs, deleted when the
+    module's tests end. pytest deletes a passing test's ``tmp_path`` (``tmp_path_retention_policy``
+    in pyproject.toml) but keeps ``tmp_path_factory`` folders to the end of the session, and the
+    detector runs these fixtures hold are hundreds of MB each."""
+    made = []
+
+    def mktemp(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

@@ -2,7 +2,6 @@
 with SIGKILL mid-epoch and resume to the same result, export and reload the student."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -24,12 +23,11 @@ def tiny(root, out, iterations=6):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
+def teacher(module_tmp_dir):
+    base = module_tmp_dir("e2e")
     root, out = base / "shapes", base / "teacher"
     acamkd("train", f"{DEMO}/shapes_det_teacher.yaml", *tiny(root, out, iterations=2), "student.backbone=resnet18")
-    yield base, root, out / "last.pt"
-    shutil.rmtree(base, ignore_errors=True)  # the module's runs are large (checkpoints); free the disk now
+    return base, root, out / "last.pt"
 
 
 def distill_args(base, root, teacher_ckpt, out, iterations=6):

@@ -3,7 +3,6 @@ evaluation (whole image, sliding windows, every image counted once), bad input, 
 distil -> eval -> export -> SIGKILL + resume through the CLI, as for detection."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -32,13 +31,12 @@ def tiny(root, out, iterations=4):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(module_tmp_dir):
     """A 2-step DeepLabV3-R18 teacher."""
-    base = tmp_path_factory.mktemp("seg")
+    base = module_tmp_dir("seg")
     root, out = base / "shapes", base / "teacher"
     acamkd("train", f"{DEMO}/shapes_seg_teacher.yaml", *tiny(root, out, iterations=2), "student.backbone=resnet18")
-    yield base, root, out / "last.pt"
-    shutil.rmtree(base, ignore_errors=True)  # the module's runs are large (checkpoints); free the disk now
+    return base, root, out / "last.pt"
 
 
 def distill_args(root, ckpt, out, iterations=4, student="pspnet"):

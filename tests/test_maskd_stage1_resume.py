@@ -3,7 +3,6 @@ gives the same tokens as an uninterrupted run (acamkd.engine.maskd_tokens.learn_
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 
 import pytest
@@ -29,9 +28,9 @@ TASKS = {  # detection: RetinaNet (no randomness in its forward); segmentation: 
 
 
 @pytest.fixture(scope="module", params=sorted(TASKS))
-def stage1(request, tmp_path_factory):
+def stage1(request, module_tmp_dir):
     """(cfg, task, train_set, uninterrupted tokens) for a tiny teacher of each task."""
-    tmp = tmp_path_factory.mktemp("stage1")
+    tmp = module_tmp_dir("stage1")
     teacher = tmp / "teacher.pt"
     config, extra = TASKS[request.param]
     cfg = load_config(os.path.join(DEMO, config), [
@@ -43,8 +42,7 @@ def stage1(request, tmp_path_factory):
     reference = str(tmp / "uninterrupted.safetensors")
     summary = learn_tokens(cfg, task, train_set, reference)
     assert summary["resumed_from"] == 0 and not os.path.exists(partial_path(reference))
-    yield cfg, task, train_set, load_token_file(reference)[0]
-    shutil.rmtree(tmp, ignore_errors=True)  # free the disk before the next task's teacher
+    return cfg, task, train_set, load_token_file(reference)[0]
 
 
 class FailingTask:

@@ -128,7 +128,7 @@ def _run_worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     first_image = (lambda: [task.to_device(batch, torch.device("cpu"))[0][0]])  # for configured taps' channels
     models = build_models(cfg, task, mode, spec["classes"], sample=first_image, random_init=True)
     step = build_step(cfg, task, models, info, total_steps=10**6)
-    past_warmup = getattr(getattr(step.trained, "method", None), "set_step", None)
+    past_warmup = getattr(step.trained.method, "set_step", None)  # method None: training alone
     if past_warmup is not None:  # time the steady state: a method's warm-up over (MasKD's student masks on)
         past_warmup(10**6)
     if models.teacher is not None:
